@@ -1,0 +1,10 @@
+"""lstmgru: drop-in torch.nn LSTM / GRU / LSTMCell / GRUCell.
+
+Fused Triton kernels on CUDA tensors, a plain-PyTorch reference path elsewhere, and the
+original GRU (``reset_after=False``) that torch.nn and cuDNN cannot compute.
+"""
+from ._dispatch import get_backend, set_backend, use_backend
+from .modules import GRU, LSTM, GRUCell, LSTMCell
+
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "get_backend", "set_backend", "use_backend"]
+__version__ = "0.1.0"
