@@ -144,11 +144,23 @@ class _StateCarry:
         return self.final
 
 
-def _row_buffer(like: torch.Tensor, steps: int, batch: int, width: int, save: bool,
-                packed: bool) -> torch.Tensor:
-    """(T, B, width) storage when saved for backward, else one reusable (1, B, width) slot."""
-    shape = (steps if save else 1, batch, width)
+def _storage(like: torch.Tensor, slots: int, batch: int, width: int, packed: bool):
+    """A (slots, B, width) buffer. Packed runs leave rows untouched, so those start at 0."""
+    shape = (slots, batch, width)
     return like.new_zeros(shape) if packed else like.new_empty(shape)
+
+
+def _steps(buffer: torch.Tensor, num_steps: int) -> list:
+    """Per-step views of ``buffer``: its own slot per step when it has one per step, else
+    slots reused in turn (a ring of 1 or 2). Made once, outside the loop, because creating
+    a view costs about as much as a small op, and the loops below are dominated by that."""
+    slots = buffer.unbind(0)
+    return [slots[t % len(slots)] for t in range(num_steps)]
+
+
+def _rows(views, n: int):
+    """The first ``n`` rows of each view (the active prefix of a packed step)."""
+    return [v[:n] for v in views]
 
 
 # --------------------------------------------------------------------------------------
@@ -159,83 +171,109 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, s
     H = G // 4
     P = h0.shape[1]
     packed = batch_sizes is not None
-    y = gates_x.new_zeros(T, B, P) if packed else gates_x.new_empty(T, B, P)
-    act = _row_buffer(gates_x, T, B, G, save, packed)        # i, f, g, o after activation
-    cells = _row_buffer(gates_x, T if save else 2, B, H, True, packed)
+    y = _storage(gates_x, T, B, P, packed)
+    act = _storage(gates_x, T if save else 1, B, G, packed)      # i, f, g, o after activation
+    cells = _storage(gates_x, T if save else 2, B, H, packed)    # c_t (a ring of 2 suffices)
     pre = gates_x.new_empty(B, G)
     tanh_c = gates_x.new_empty(B, H)
-    hidden = gates_x.new_empty(B, H) if weight_hr is not None else None
+    hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
+    per_step = list(zip(
+        gates_x.unbind(0), _steps(act, T), _steps(act[..., :H], T), _steps(act[..., H:2 * H], T),
+        _steps(act[..., 2 * H:3 * H], T), _steps(act[..., 3 * H:], T), _steps(cells, T),
+        y.unbind(0)))
     w_hh_t = weight_hh.t()
     w_hr_t = weight_hr.t() if weight_hr is not None else None
     h_carry, c_carry = _StateCarry(h0), _StateCarry(c0)
-    for step, t in enumerate(step_order(T, reverse)):
-        n = active_rows(batch_sizes, t, B)
-        h_prev, c_prev = h_carry.take(n), c_carry.take(n)
-        a = act[t if save else 0, :n]
-        c = cells[t if save else step % 2, :n]
-        torch.addmm(gates_x[t, :n], h_prev, w_hh_t, out=pre[:n])
-        torch.sigmoid(pre[:n], out=a)
-        torch.tanh(pre[:n, 2 * H:3 * H], out=a[:, 2 * H:3 * H])
-        torch.mul(a[:, H:2 * H], c_prev, out=c)
-        c.addcmul_(a[:, :H], a[:, 2 * H:3 * H])
-        torch.tanh(c, out=tanh_c[:n])
-        if weight_hr is None:
-            torch.mul(a[:, 3 * H:], tanh_c[:n], out=y[t, :n])
+    h_prev, c_prev = h0, c0
+    for t in step_order(T, reverse):
+        gx, a, i, f, g, o, c, out = per_step[t]
+        p, p_g, tc, hid = pre, pre[:, 2 * H:3 * H], tanh_c, hidden
+        if packed:
+            n = batch_sizes[t]
+            h_prev, c_prev = h_carry.take(n), c_carry.take(n)
+            if n != B:
+                gx, a, i, f, g, o, c, out, p, p_g, tc, hid = _rows(
+                    (gx, a, i, f, g, o, c, out, p, p_g, tc, hid), n)
+        torch.addmm(gx, h_prev, w_hh_t, out=p)
+        torch.sigmoid(p, out=a)
+        torch.tanh(p_g, out=g)
+        torch.mul(f, c_prev, out=c)
+        c.addcmul_(i, g)
+        torch.tanh(c, out=tc)
+        if w_hr_t is None:
+            torch.mul(o, tc, out=out)
         else:
-            torch.mul(a[:, 3 * H:], tanh_c[:n], out=hidden[:n])
-            torch.mm(hidden[:n], w_hr_t, out=y[t, :n])
-        h_carry.put(y[t, :n])
-        c_carry.put(c)
-    return y, h_carry.finish(), c_carry.finish(), act, cells
+            torch.mul(o, tc, out=hid)
+            torch.mm(hid, w_hr_t, out=out)
+        h_prev, c_prev = out, c
+        if packed:
+            h_carry.put(out)
+            c_carry.put(c)
+    if packed:
+        return y, h_carry.finish(), c_carry.finish(), act, cells
+    return y, h_prev, c_prev, act, cells
 
 
 def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh, weight_hr,
                    batch_sizes, reverse):
     T, B, G = act.shape
     H = G // 4
+    P = y.shape[2]
+    packed = batch_sizes is not None
     i, f, g, o = act[..., :H], act[..., H:2 * H], act[..., 2 * H:3 * H], act[..., 3 * H:]
     tanh_c = torch.tanh(cells)
     c_prev = previous_states(cells, c0, batch_sizes, reverse)
     # Everything that does not depend on the recurrent gradient, for all steps at once:
-    #   d c_t        = d c_{t+1} * f_{t+1} + d hidden_t * o_t * (1 - tanh(c_t)^2)
-    #   d pre_{i,f,g} = d c_t * [g i(1-i), c_{t-1} f(1-f), i (1-g^2)]
-    #   d pre_o       = d hidden_t * tanh(c_t) o(1-o)
-    dc_from_hidden = o * (1 - tanh_c * tanh_c)
+    #   d c_t          = d c_{t+1} * f_{t+1} + d hidden_t * o_t * (1 - tanh(c_t)^2)
+    #   d pre_{i,f,g}  = d c_t * [g i(1-i), c_{t-1} f(1-f), i (1-g^2)]
+    #   d pre_o        = d hidden_t * tanh(c_t) o(1-o)
+    # where hidden_t = o * tanh(c_t) is h_t before the projection (h_t itself without one).
+    dc_per_dhidden = o * (1 - tanh_c * tanh_c)
     dpre_ifg_per_dc = torch.stack(
         [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)   # (T, B, 3, H)
     dpre_o_per_dhidden = tanh_c * o * (1 - o)
-    del tanh_c, c_prev
+    del c_prev
+    hidden = o * tanh_c if weight_hr is not None else None
+    del tanh_c
 
-    P = y.shape[2]
     grad_out = fold_final_grad(grad_y, grad_h_n, y, batch_sizes, reverse)
-    packed = batch_sizes is not None
     grad_gates = act.new_zeros(T, B, G)
-    grad_h = act.new_zeros(T, B, P) if packed else act.new_empty(T, B, P)
-    # d c flowing back through the forget gate; rows that have not started (in backward
-    # order) hold the gradient of their final cell state.
+    grad_h = _storage(act, T, B, P, packed)
+    # d c flowing back through the forget gate. Rows that have not started yet (in backward
+    # order) hold the gradient of their final cell state; rows that are done hold d c_0.
     dc_carry = grad_c_n.clone() if grad_c_n is not None else act.new_zeros(B, H)
     dc = act.new_empty(B, H)
-    d_hidden = act.new_empty(B, H) if weight_hr is not None else None
-    rows_before = 0
-    dg_before = None
+    d_hidden = act.new_empty(B, H)
+    per_step = list(zip(
+        grad_out.unbind(0), grad_h.unbind(0), dc_per_dhidden.unbind(0),
+        dpre_ifg_per_dc.unbind(0), dpre_o_per_dhidden.unbind(0), f.unbind(0),
+        grad_gates.unbind(0), grad_gates[..., :3 * H].view(T, B, 3, H).unbind(0),
+        grad_gates[..., 3 * H:].unbind(0)))
+    rows_before, dg_before = 0, None
     for t in step_order(T, not reverse):
-        n = active_rows(batch_sizes, t, B)
-        dh = grad_h[t, :n]
+        go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o = per_step[t]
+        dcc, dct, dhid = dc_carry, dc, d_hidden
+        n = B
+        if packed:
+            n = batch_sizes[t]
+            if n != B:
+                go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dhid = _rows(
+                    (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dhid), n)
+        # d h_t = d out_t + d gates_{t+1} @ W_hh (rows that ran at t+1)
         if dg_before is not None and n <= rows_before:
-            torch.addmm(grad_out[t, :n], dg_before[:n], weight_hh, out=dh)
+            torch.addmm(go, dg_before[:n] if n != rows_before else dg_before, weight_hh, out=dh)
         else:
-            dh.copy_(grad_out[t, :n])
+            dh.copy_(go)
             if dg_before is not None:
                 dh[:rows_before].addmm_(dg_before, weight_hh)
         if weight_hr is None:
             dhid = dh
         else:
-            dhid = torch.mm(dh, weight_hr, out=d_hidden[:n])
-        torch.addcmul(dc_carry[:n], dhid, dc_from_hidden[t, :n], out=dc[:n])
-        dg = grad_gates[t, :n]
-        torch.mul(dpre_ifg_per_dc[t, :n], dc[:n].unsqueeze(1), out=dg[:, :3 * H].view(n, 3, H))
-        torch.mul(dpre_o_per_dhidden[t, :n], dhid, out=dg[:, 3 * H:])
-        torch.mul(dc[:n], f[t, :n], out=dc_carry[:n])
+            torch.mm(dh, weight_hr, out=dhid)
+        torch.addcmul(dcc, dhid, k_c, out=dct)
+        torch.mul(k_ifg, dct.unsqueeze(1), out=dg_ifg)
+        torch.mul(k_o, dhid, out=dg_o)
+        torch.mul(dct, f_t, out=dcc)
         rows_before, dg_before = n, dg
 
     h_prev = previous_states(y, h0, batch_sizes, reverse)
@@ -243,7 +281,6 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh,
     grad_h0 = first_step_rows(grad_gates, batch_sizes, reverse).mm(weight_hh)
     grad_weight_hr = None
     if weight_hr is not None:
-        hidden = o * torch.tanh(cells)
         grad_weight_hr = grad_h.reshape(-1, P).t().mm(hidden.reshape(-1, H))
     return grad_gates, grad_h0, dc_carry, grad_weight_hh, grad_weight_hr
 
@@ -255,105 +292,140 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_af
     T, B, G = gates_x.shape
     H = G // 3
     packed = batch_sizes is not None
-    y = gates_x.new_zeros(T, B, H) if packed else gates_x.new_empty(T, B, H)
-    act = _row_buffer(gates_x, T, B, G, save, packed)        # r, z, n after activation
+    y = _storage(gates_x, T, B, H, packed)
+    act = _storage(gates_x, T if save else 1, B, G, packed)        # r, z, n after activation
     # What the backward needs besides the activations: with reset_after the recurrent
     # products h W_hh^T (+ b_hn) (dr needs their n block); without it r * h_{t-1} (the
     # right operand of the n-block weight gradient).
-    recurrent = _row_buffer(gates_x, T, B, G if reset_after else H, save, packed)
+    recurrent = _storage(gates_x, T if save else 1, B, G if reset_after else H, packed)
     diff = gates_x.new_empty(B, H)
     w_hh_t = weight_hh.t()
+    w_rz_t, w_n_t = w_hh_t[:, :2 * H], w_hh_t[:, 2 * H:]
     bias_h = None
     if reset_after and bias_hn is not None:
         bias_h = torch.cat([bias_hn.new_zeros(2 * H), bias_hn])
+    per_step = list(zip(
+        gates_x[..., :2 * H].unbind(0), gates_x[..., 2 * H:].unbind(0),
+        _steps(act[..., :2 * H], T), _steps(act[..., :H], T), _steps(act[..., H:2 * H], T),
+        _steps(act[..., 2 * H:], T), _steps(recurrent, T),
+        _steps(recurrent[..., :2 * H], T) if reset_after else [None] * T,
+        _steps(recurrent[..., 2 * H:], T) if reset_after else [None] * T,
+        y.unbind(0)))
     h_carry = _StateCarry(h0)
+    h_prev = h0
     for t in step_order(T, reverse):
-        n = active_rows(batch_sizes, t, B)
-        h_prev = h_carry.take(n)
-        a = act[t if save else 0, :n]
-        rz, r, z, cand = a[:, :2 * H], a[:, :H], a[:, H:2 * H], a[:, 2 * H:]
-        rec = recurrent[t if save else 0, :n]
+        gx_rz, gx_n, rz, r, z, cand, rec, rec_rz, rec_n, out = per_step[t]
+        d = diff
+        if packed:
+            n = batch_sizes[t]
+            h_prev = h_carry.take(n)
+            if n != B:
+                gx_rz, gx_n, rz, r, z, cand, rec, out, d = _rows(
+                    (gx_rz, gx_n, rz, r, z, cand, rec, out, d), n)
+                if reset_after:
+                    rec_rz, rec_n = rec_rz[:n], rec_n[:n]
         if reset_after:
             if bias_h is None:
                 torch.mm(h_prev, w_hh_t, out=rec)
             else:
                 torch.addmm(bias_h, h_prev, w_hh_t, out=rec)
-            torch.add(gates_x[t, :n, :2 * H], rec[:, :2 * H], out=rz).sigmoid_()
-            torch.addcmul(gates_x[t, :n, 2 * H:], r, rec[:, 2 * H:], out=cand).tanh_()
+            torch.add(gx_rz, rec_rz, out=rz).sigmoid_()
+            torch.addcmul(gx_n, r, rec_n, out=cand).tanh_()
         else:
-            torch.addmm(gates_x[t, :n, :2 * H], h_prev, w_hh_t[:, :2 * H], out=rz).sigmoid_()
+            torch.addmm(gx_rz, h_prev, w_rz_t, out=rz).sigmoid_()
             torch.mul(r, h_prev, out=rec)
-            torch.addmm(gates_x[t, :n, 2 * H:], rec, w_hh_t[:, 2 * H:], out=cand).tanh_()
+            torch.addmm(gx_n, rec, w_n_t, out=cand).tanh_()
         # h_t = (1 - z) * n + z * h_{t-1} = n + z * (h_{t-1} - n)
-        torch.sub(h_prev, cand, out=diff[:n])
-        torch.addcmul(cand, z, diff[:n], out=y[t, :n])
-        h_carry.put(y[t, :n])
-    return y, h_carry.finish(), act, recurrent
+        torch.sub(h_prev, cand, out=d)
+        torch.addcmul(cand, z, d, out=out)
+        h_prev = out
+        if packed:
+            h_carry.put(out)
+    return y, (h_carry.finish() if packed else h_prev), act, recurrent
 
 
 def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, batch_sizes,
                   reverse, reset_after):
     T, B, G = act.shape
     H = G // 3
+    packed = batch_sizes is not None
     r, z, cand = act[..., :H], act[..., H:2 * H], act[..., 2 * H:]
     h_prev = previous_states(y, h0, batch_sizes, reverse)
     # Factors of the gate gradients per unit of d h_t, for all steps at once.
     dcand_pre = (1 - z) * (1 - cand * cand)              # d n_pre / d h_t
     dz_pre = (h_prev - cand) * z * (1 - z)               # d z_pre / d h_t
-    packed = batch_sizes is not None
     grad_out = fold_final_grad(grad_y, grad_h_n, y, batch_sizes, reverse)
-    grad_h = act.new_zeros(T, B, H) if packed else act.new_empty(T, B, H)
+    grad_h = _storage(act, T, B, H, packed)
+    grad_gates = act.new_zeros(T, B, G)
+    w_rz, w_n = weight_hh[:2 * H], weight_hh[2 * H:]
     if reset_after:
-        # n_pre = gx_n + r * gh_n: d gh = d h_t * [dr_pre, dz_pre, dn_pre * r]
+        # n_pre = gx_n + r * gh_n, so d gh = d h_t * [dr_pre, dz_pre, dn_pre * r]: every
+        # gradient of the recurrent products is d h_t times a known factor.
         dr_pre = dcand_pre * recurrent[..., 2 * H:] * r * (1 - r)
-        grad_rec_per_dh = torch.stack([dr_pre, dz_pre, dcand_pre * r], dim=2)   # (T, B, 3, H)
+        factors = torch.stack([dr_pre, dz_pre, dcand_pre * r], dim=2)      # (T, B, 3, H)
         del dr_pre
         grad_rec = act.new_zeros(T, B, G)
+        targets = grad_rec.view(T, B, 3, H)
     else:
         # n_pre = gx_n + (r * h) W_hn^T: d r_pre = (d n_pre W_hn) * h * r (1 - r)
         dr_pre_per_drh = h_prev * r * (1 - r)
-        zn_per_dh = torch.stack([dz_pre, dcand_pre], dim=2)                      # (T, B, 2, H)
-        grad_gates = act.new_zeros(T, B, G)
-        grad_rh = act.new_zeros(T, B, H) if packed else act.new_empty(T, B, H)
+        factors = torch.stack([dz_pre, dcand_pre], dim=2)                  # (T, B, 2, H)
+        grad_rec = grad_gates                  # all biases are folded: the same gradients
+        targets = grad_gates[..., H:].view(T, B, 2, H)
+        grad_rh = _storage(act, T, B, H, packed)
     del dz_pre
-
-    rows_before = 0
-    t_before = None
+    per_step = list(zip(
+        grad_out.unbind(0), grad_h.unbind(0), z.unbind(0), factors.unbind(0),
+        targets.unbind(0), grad_rec.unbind(0), grad_rec[..., :2 * H].unbind(0),
+        r.unbind(0),
+        grad_rh.unbind(0) if not reset_after else [None] * T,
+        grad_gates[..., :H].unbind(0) if not reset_after else [None] * T,
+        grad_gates[..., 2 * H:].unbind(0),
+        dr_pre_per_drh.unbind(0) if not reset_after else [None] * T))
+    rows_before, before = 0, None
     for t in step_order(T, not reverse):
-        n = active_rows(batch_sizes, t, B)
-        dh = grad_h[t, :n]
-        # d h_t = d out_t + (everything step t+1 sent back to h_t)
-        m = min(n, rows_before)
-        if t_before is not None and m == n:
-            if reset_after:
-                torch.addmm(grad_out[t, :n], grad_rec[t_before, :n], weight_hh, out=dh)
-            else:
-                torch.addmm(grad_out[t, :n], grad_gates[t_before, :n, :2 * H],
-                            weight_hh[:2 * H], out=dh)
+        go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, d_rh, dg_r, dg_n, k_r = per_step[t]
+        n = B
+        if packed:
+            n = batch_sizes[t]
+            if n != B:
+                go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n = _rows(
+                    (go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n), n)
+                if not reset_after:
+                    d_rh, dg_r, k_r = d_rh[:n], dg_r[:n], k_r[:n]
+        # d h_t = d out_t + what step t+1 sent back to h_t: through its recurrent products
+        # and through z * h_t (and r * h_t without reset_after).
+        if before is None:
+            dh.copy_(go)
         else:
-            dh.copy_(grad_out[t, :n])
-            if t_before is not None:
+            dh_b, z_b, g_rec_b, g_rec_rz_b, r_b, d_rh_b = before
+            m = min(n, rows_before)
+            if m == n == rows_before:
+                mm_into = dh
                 if reset_after:
-                    dh[:m].addmm_(grad_rec[t_before, :m], weight_hh)
+                    torch.addmm(go, g_rec_b, weight_hh, out=dh)
                 else:
-                    dh[:m].addmm_(grad_gates[t_before, :m, :2 * H], weight_hh[:2 * H])
-        if t_before is not None:
+                    torch.addmm(go, g_rec_rz_b, w_rz, out=dh)
+            else:
+                dh.copy_(go)
+                mm_into = dh[:m]
+                if reset_after:
+                    mm_into.addmm_(g_rec_b[:m], weight_hh)
+                else:
+                    mm_into.addmm_(g_rec_rz_b[:m], w_rz)
             if not reset_after:
-                dh[:m].addcmul_(grad_rh[t_before, :m], r[t_before, :m])
-            dh[:m].addcmul_(grad_h[t_before, :m], z[t_before, :m])
-        if reset_after:
-            torch.mul(grad_rec_per_dh[t, :n], dh.unsqueeze(1), out=grad_rec[t, :n].view(n, 3, H))
-        else:
-            dg = grad_gates[t, :n]
-            torch.mul(zn_per_dh[t, :n], dh.unsqueeze(1), out=dg[:, H:].view(n, 2, H))
-            torch.mm(dg[:, 2 * H:], weight_hh[2 * H:], out=grad_rh[t, :n])
-            torch.mul(grad_rh[t, :n], dr_pre_per_drh[t, :n], out=dg[:, :H])
-        rows_before, t_before = n, t
+                mm_into.addcmul_(d_rh_b[:m], r_b[:m])
+            mm_into.addcmul_(dh_b[:m], z_b[:m])
+        torch.mul(k, dh.unsqueeze(1), out=target)
+        if not reset_after:
+            torch.mm(dg_n, w_n, out=d_rh)
+            torch.mul(d_rh, k_r, out=dg_r)
+        rows_before, before = n, (dh, z_t, g_rec, g_rec_rz, r_t, d_rh)
 
     first = lambda seq: first_step_rows(seq, batch_sizes, reverse)  # noqa: E731
     grad_h0 = first(grad_h * z)
     if reset_after:
-        grad_gates = grad_rec.clone()
+        grad_gates.copy_(grad_rec)
         grad_gates[..., 2 * H:] = grad_h * dcand_pre
         grad_weight_hh = grad_rec.reshape(-1, G).t().mm(h_prev.reshape(-1, H))
         grad_bias_hn = grad_rec[..., 2 * H:].sum((0, 1)) if bias_hn is not None else None
@@ -364,7 +436,7 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
             grad_gates[..., 2 * H:].reshape(-1, H).t().mm(recurrent.reshape(-1, H)),
         ])
         grad_bias_hn = None
-        grad_h0 += first(grad_gates[..., :2 * H]).mm(weight_hh[:2 * H])
+        grad_h0 += first(grad_gates[..., :2 * H]).mm(w_rz)
         grad_h0 += first(grad_rh * r)
     return grad_gates, grad_h0, grad_weight_hh, grad_bias_hn
 

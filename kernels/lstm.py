@@ -1,0 +1,421 @@
+"""Fused LSTM recurrence: one persistent Triton kernel for the forward, one for the backward.
+
+The input projection ``gates_x = x @ W_ih^T + b_ih + b_hh`` is computed outside for all steps as
+one GEMM; these kernels run only the sequential part. Gate order is torch.nn's: i, f, g, o, stacked
+in the rows of ``weight_hh`` (4H x H) and in the last dimension of ``gates_x`` (T, B, 4H).
+
+Parallel layout (both kernels): the grid is over batch tiles. A program owns BLOCK_B whole rows of
+the state for all T steps, so it never waits for another program and one launch covers the whole
+sequence. Within a step it loops over hidden-column chunks of BLOCK_H and, per chunk, over the
+reduction dimension in BLOCK_K pieces. The state of its rows lives in fp32 scratch in global memory
+because a chunk needs all H columns of h_{t-1}, which other threads of the program produced; a
+``tl.debug_barrier()`` (a CTA barrier on the GPU) separates the steps.
+
+Lengths: row b is active at time t iff t < lengths[b]. An inactive row keeps its state and outputs
+0, in both directions, so a reversed row simply starts at t = lengths[b] - 1 from (h0, c0).
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._math import sigmoid, tanh
+
+# An H100 has 132 SMs. Beyond about one wave of programs, a wider batch tile is cheaper than a
+# second wave, because each program re-reads weight_hh every step whatever its tile height.
+_ONE_WAVE = 128
+
+
+class LSTMBlocks(NamedTuple):
+    block_b: int  # batch rows per program (>= 16: tl.dot needs M >= 16)
+    block_h: int  # hidden columns produced per chunk (N of the recurrent product)
+    block_k: int  # reduction slice of the recurrent product (K)
+    num_warps: int
+    num_stages: int
+
+
+def lstm_blocks(batch: int, hidden: int, dtype: torch.dtype) -> LSTMBlocks:
+    """Block shapes the launchers pick (on the GPU and in tests) for a batch x hidden problem."""
+    block_b = 16
+    while block_b < 64 and triton.cdiv(batch, block_b) > _ONE_WAVE:
+        block_b *= 2
+    block_h = min(64, max(16, triton.next_power_of_2(hidden)))
+    # One K slice of the four gates' weights is then at most 32 KB whatever the dtype, so two
+    # pipeline stages stay well inside an H100's 227 KB of shared memory.
+    k_cap = 32 if dtype.itemsize == 4 else 64
+    block_k = min(k_cap, max(16, triton.next_power_of_2(hidden)))
+    # Four fp32 gate accumulators of block_b x block_h: at most 64 registers per thread.
+    num_warps = 4 if block_b * block_h <= 2048 else 8
+    return LSTMBlocks(block_b, block_h, block_k, num_warps, num_stages=2)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _lstm_fwd_kernel(
+    gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr,
+    y_ptr, hn_ptr, cn_ptr, act_ptr, c_seq_ptr,
+    h_buf_ptr, c_buf_ptr,
+    T, B, H, BH,
+    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr, TRAINING: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Offsets within one time step are int32 (the launcher checks 4*B*H < 2**31); only each
+    # step's base pointer is computed in int64, so (T, B, 4H) tensors may pass 2**31 elements.
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows2 = rows[:, None]
+    ks = tl.arange(0, BLOCK_K)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+
+    # h is double-buffered: every chunk of step t reads all of h_{t-1} while the step writes h_t.
+    for j in range(0, H, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        st = rows2 * H + cols[None, :]
+        if HAS_H0:
+            h = tl.load(h0_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        if HAS_C0:
+            c = tl.load(c0_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            c = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        tl.store(h_buf_ptr + st, h, mask=mask)
+        tl.store(c_buf_ptr + st, c, mask=mask)
+    tl.debug_barrier()
+
+    for s in range(0, T):
+        t = T - 1 - s if REVERSE else s
+        t64 = t.to(tl.int64)
+        gx_t = gx_ptr + t64 * (4 * BH)
+        act_t = act_ptr + t64 * (4 * BH)
+        y_t = y_ptr + t64 * BH
+        c_seq_t = c_seq_ptr + t64 * BH
+        h_rd = h_buf_ptr + (s % 2) * BH
+        h_wr = h_buf_ptr + ((s + 1) % 2) * BH
+        if HAS_LENGTHS:
+            active = (t < lens)[:, None]
+        for j in range(0, H, BLOCK_H):
+            cols = j + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
+            st = rows2 * H + cols[None, :]
+            g_off = rows2 * (4 * H) + cols[None, :]
+            acc_i = tl.load(gx_t + g_off, mask=mask, other=0.0).to(tl.float32)
+            acc_f = tl.load(gx_t + g_off + H, mask=mask, other=0.0).to(tl.float32)
+            acc_g = tl.load(gx_t + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+            acc_o = tl.load(gx_t + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+            # Gate q's rows of weight_hh for these columns: weight_hh[q*H + cols, k].
+            w_ptrs = w_ptr + cols[:, None] * H + ks[None, :]
+            h_ptrs = h_rd + rows2 * H + ks[None, :]
+            for k0 in range(0, H, BLOCK_K):
+                k_ok = (k0 + ks) < H
+                # The product runs in the weights' dtype (tensor cores for fp16/bf16) with an fp32
+                # accumulator; "ieee" keeps fp32 inputs out of TF32 and is ignored otherwise.
+                hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                hk = hk.to(w_ptr.dtype.element_ty)
+                w_mask = col_ok[:, None] & k_ok[None, :]
+                w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
+                w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
+                w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
+                acc_i = tl.dot(hk, tl.trans(w_i), acc_i, input_precision="ieee")
+                acc_f = tl.dot(hk, tl.trans(w_f), acc_f, input_precision="ieee")
+                acc_g = tl.dot(hk, tl.trans(w_g), acc_g, input_precision="ieee")
+                acc_o = tl.dot(hk, tl.trans(w_o), acc_o, input_precision="ieee")
+                h_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            i = sigmoid(acc_i)
+            f = sigmoid(acc_f)
+            g = tanh(acc_g)
+            o = sigmoid(acc_o)
+            c_prev = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
+            c = f * c_prev + i * g
+            h = o * tanh(c)
+            out = h
+            if HAS_LENGTHS:
+                h_prev = tl.load(h_rd + st, mask=mask, other=0.0)
+                c = tl.where(active, c, c_prev)
+                h = tl.where(active, h, h_prev)
+                out = tl.where(active, out, 0.0)
+                i = tl.where(active, i, 0.0)
+                f = tl.where(active, f, 0.0)
+                g = tl.where(active, g, 0.0)
+                o = tl.where(active, o, 0.0)
+            tl.store(c_buf_ptr + st, c, mask=mask)
+            tl.store(h_wr + st, h, mask=mask)
+            tl.store(y_t + st, out.to(y_ptr.dtype.element_ty), mask=mask)
+            if TRAINING:
+                tl.store(act_t + g_off, i, mask=mask)
+                tl.store(act_t + g_off + H, f, mask=mask)
+                tl.store(act_t + g_off + 2 * H, g, mask=mask)
+                tl.store(act_t + g_off + 3 * H, o, mask=mask)
+                # The kept state at inactive positions too: a reversed row's first active step
+                # reads its c_prev from the following (inactive) time step.
+                tl.store(c_seq_t + st, c, mask=mask)
+        tl.debug_barrier()
+
+    h_fin = h_buf_ptr + (T % 2) * BH
+    for j in range(0, H, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        st = rows2 * H + cols[None, :]
+        h = tl.load(h_fin + st, mask=mask, other=0.0)
+        c = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
+        tl.store(hn_ptr + st, h.to(hn_ptr.dtype.element_ty), mask=mask)
+        tl.store(cn_ptr + st, c.to(cn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _lstm_bwd_kernel(
+    gy_ptr, ghn_ptr, gcn_ptr, act_ptr, c_seq_ptr, c0_ptr, w_ptr, len_ptr,
+    dgx_ptr, dh_ptr, dc_ptr,
+    T, B, H, BH,
+    HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows2 = rows[:, None]
+    ks = tl.arange(0, BLOCK_K)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+
+    # dh_ptr / dc_ptr carry dL/dh and dL/dc of the state flowing backwards; after step 0 they are
+    # the gradients of h0 and c0, so they double as the outputs.
+    for j in range(0, H, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        st = rows2 * H + cols[None, :]
+        if HAS_GHN:
+            dh = tl.load(ghn_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            dh = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        if HAS_GCN:
+            dc = tl.load(gcn_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            dc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        tl.store(dh_ptr + st, dh, mask=mask)
+        tl.store(dc_ptr + st, dc, mask=mask)
+    tl.debug_barrier()
+
+    for s in range(0, T):
+        # Undo the forward's steps last to first; the forward's first step (s == T - 1 here)
+        # started from c0 rather than from a saved c.
+        t = s if REVERSE else T - 1 - s
+        t_prev = t + 1 if REVERSE else t - 1
+        is_first = s == T - 1
+        not_first = s < T - 1
+        t64 = t.to(tl.int64)
+        act_t = act_ptr + t64 * (4 * BH)
+        dgx_t = dgx_ptr + t64 * (4 * BH)
+        gy_t = gy_ptr + t64 * BH
+        c_seq_t = c_seq_ptr + t64 * BH
+        c_seq_prev = c_seq_ptr + t_prev.to(tl.int64) * BH
+        if HAS_LENGTHS:
+            active = (t < lens)[:, None]
+
+        # Phase 1: gate gradients of this step, elementwise per chunk.
+        for j in range(0, H, BLOCK_H):
+            cols = j + tl.arange(0, BLOCK_H)
+            mask = row_ok[:, None] & (cols < H)[None, :]
+            st = rows2 * H + cols[None, :]
+            g_off = rows2 * (4 * H) + cols[None, :]
+            i = tl.load(act_t + g_off, mask=mask, other=0.0)
+            f = tl.load(act_t + g_off + H, mask=mask, other=0.0)
+            g = tl.load(act_t + g_off + 2 * H, mask=mask, other=0.0)
+            o = tl.load(act_t + g_off + 3 * H, mask=mask, other=0.0)
+            c = tl.load(c_seq_t + st, mask=mask, other=0.0)
+            # tl.where, not `mask & is_first`: triton 3.9's interpreter turns a bool tensor & a
+            # bool scalar into integers, which tl.load rejects as a mask.
+            c_prev = tl.load(c_seq_prev + st, mask=tl.where(not_first, mask, False), other=0.0)
+            if HAS_C0:
+                c_prev += tl.load(c0_ptr + st, mask=tl.where(is_first, mask, False),
+                                  other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + st, mask=mask, other=0.0)
+            if HAS_GY:
+                # Added for inactive rows too: their gate gradients are zeroed below and dh_ptr
+                # itself is not written in this phase.
+                dh += tl.load(gy_t + st, mask=mask, other=0.0).to(tl.float32)
+            dc_next = tl.load(dc_ptr + st, mask=mask, other=0.0)
+            tc = tanh(c)
+            dc = dc_next + dh * o * (1.0 - tc * tc)
+            da_i = dc * g * i * (1.0 - i)
+            da_f = dc * c_prev * f * (1.0 - f)
+            da_g = dc * i * (1.0 - g * g)
+            da_o = dh * tc * o * (1.0 - o)
+            dc = dc * f
+            if HAS_LENGTHS:
+                da_i = tl.where(active, da_i, 0.0)
+                da_f = tl.where(active, da_f, 0.0)
+                da_g = tl.where(active, da_g, 0.0)
+                da_o = tl.where(active, da_o, 0.0)
+                dc = tl.where(active, dc, dc_next)
+            tl.store(dgx_t + g_off, da_i, mask=mask)
+            tl.store(dgx_t + g_off + H, da_f, mask=mask)
+            tl.store(dgx_t + g_off + 2 * H, da_g, mask=mask)
+            tl.store(dgx_t + g_off + 3 * H, da_o, mask=mask)
+            tl.store(dc_ptr + st, dc, mask=mask)
+        tl.debug_barrier()
+
+        # Phase 2: dL/dh_{t-1} = da @ weight_hh, reading all 4H gate gradients of the own rows
+        # that phase 1 just wrote (fp32 in dgx, cast to the weights' dtype for the product).
+        for j in range(0, H, BLOCK_H):
+            cols = j + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
+            st = rows2 * H + cols[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+            for q in tl.static_range(4):
+                da_ptrs = dgx_t + rows2 * (4 * H) + q * H + ks[None, :]
+                w_ptrs = w_ptr + (q * H + ks[:, None]) * H + cols[None, :]
+                for k0 in range(0, H, BLOCK_K):
+                    k_ok = (k0 + ks) < H
+                    da = tl.load(da_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    da = da.to(w_ptr.dtype.element_ty)
+                    w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc = tl.dot(da, w, acc, input_precision="ieee")
+                    da_ptrs += BLOCK_K
+                    w_ptrs += BLOCK_K * H
+            if HAS_LENGTHS:
+                # An inactive step passed h through unchanged, and so does its gradient.
+                acc = tl.where(active, acc, tl.load(dh_ptr + st, mask=mask, other=0.0))
+            tl.store(dh_ptr + st, acc, mask=mask)
+        tl.debug_barrier()
+
+
+def _check(name, tensor, shape, dtype, device):
+    if tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+        raise ValueError(
+            f"{name}: expected {tuple(shape)} {dtype} on {device}, "
+            f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths):
+    if 4 * H * max(H, B) >= 2**31:
+        # Offsets into weight_hh and within one time step are int32 inside the kernels.
+        raise ValueError(f"batch {B} x hidden {H} is too large for the fused LSTM kernels")
+    _check("weight_hh", weight_hh, (4 * H, H), dtype, device)
+    if h0 is not None:
+        _check("h0", h0, (B, H), dtype, device)
+    if c0 is not None:
+        _check("c0", c0, (B, H), dtype, device)
+    if lengths is not None:
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
+        _check("lengths", lengths, (B,), lengths.dtype, device)
+
+
+def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool):
+    """Run the LSTM recurrence over all T steps in one launch.
+
+    gates_x: (T, B, 4H) contiguous, fp32/fp16/bf16, = x @ W_ih^T + b_ih + b_hh for every step.
+    h0, c0: (B, H) in gates_x.dtype, or None for zeros. weight_hh: (4H, H) in gates_x.dtype.
+    lengths: None (every row runs T steps) or an int32/int64 (B,) tensor on the same device, any
+    order; row b is active at time t iff t < lengths[b]. reverse: run t = T-1 down to 0.
+
+    Returns (y, h_n, c_n, saved): y (T, B, H) is 0 at inactive positions; h_n, c_n (B, H) are each
+    row's state after its last active step; all three in gates_x.dtype. ``saved`` is None unless
+    ``training``; then it is (gates, c_seq), both fp32: gates (T, B, 4H) holds the activations
+    i, f, g, o (0 at inactive positions) and c_seq (T, B, H) the cell state after every time step
+    (the kept state at inactive positions). fp32 so that low-precision models get gate gradients
+    from the same fp32 values the forward computed.
+    """
+    T, B, G = gates_x.shape
+    H = G // 4
+    device, dtype = gates_x.device, gates_x.dtype
+    if G != 4 * H or not gates_x.is_contiguous():
+        raise ValueError(f"gates_x must be a contiguous (T, B, 4H) tensor, got {gates_x.shape}")
+    _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths)
+
+    y = torch.empty((T, B, H), device=device, dtype=dtype)
+    h_n = torch.empty((B, H), device=device, dtype=dtype)
+    c_n = torch.empty((B, H), device=device, dtype=dtype)
+    saved = None
+    if training:
+        saved = (
+            torch.empty((T, B, 4 * H), device=device, dtype=torch.float32),
+            torch.empty((T, B, H), device=device, dtype=torch.float32),
+        )
+    if B == 0:
+        return y, h_n, c_n, saved
+
+    blocks = lstm_blocks(B, H, dtype)
+    h_buf = torch.empty((2, B, H), device=device, dtype=torch.float32)
+    c_buf = torch.empty((B, H), device=device, dtype=torch.float32)
+    # Absent optional tensors are never read (their HAS_* flag is off); any tensor stands in.
+    act, c_seq = saved if training else (c_buf, c_buf)
+    _launch.launch(
+        _lstm_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
+        gates_x, weight_hh,
+        h0 if h0 is not None else h_buf,
+        c0 if c0 is not None else c_buf,
+        lengths if lengths is not None else c_buf,
+        y, h_n, c_n, act, c_seq, h_buf, c_buf,
+        T, B, H, B * H,
+        HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+        REVERSE=bool(reverse), TRAINING=bool(training),
+        BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return y, h_n, c_n, saved
+
+
+def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengths, reverse: bool):
+    """Reverse recurrence of ``lstm_forward`` in one launch, producing the gate gradients.
+
+    grad_y (T, B, H), grad_h_n, grad_c_n (B, H): any dtype and strides, any may be None (zeros).
+    saved, h0, c0, weight_hh, lengths, reverse: as given to / returned by ``lstm_forward``.
+    y and h0 are not read: the gate gradients need only the saved activations and cell states
+    (the caller uses y and h0 for grad(weight_hh) = grad_gates_x^T @ h_prev).
+
+    Returns fp32 (grad_gates_x (T, B, 4H), grad_h0 (B, H), grad_c0 (B, H)); grad_gates_x is the
+    gradient w.r.t. the gate pre-activations and exactly 0 at inactive positions.
+    """
+    act, c_seq = saved
+    T, B, G = act.shape
+    H = G // 4
+    device, dtype = act.device, weight_hh.dtype
+    _check_common(B, H, dtype, device, None, c0, weight_hh, lengths)
+    # Autograd may hand over strided or expanded gradients (e.g. from y.sum()); the kernel
+    # indexes them as dense tensors.
+    grads = []
+    for name, grad, shape in (("grad_y", grad_y, (T, B, H)), ("grad_h_n", grad_h_n, (B, H)),
+                              ("grad_c_n", grad_c_n, (B, H))):
+        if grad is not None:
+            grad = grad.contiguous()
+            _check(name, grad, shape, grad.dtype, device)
+        grads.append(grad)
+    grad_y, grad_h_n, grad_c_n = grads
+
+    grad_gates_x = torch.empty((T, B, 4 * H), device=device, dtype=torch.float32)
+    grad_h0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    grad_c0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    if B == 0:
+        return grad_gates_x, grad_h0, grad_c0
+
+    blocks = lstm_blocks(B, H, dtype)
+    _launch.launch(
+        _lstm_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
+        grad_y if grad_y is not None else grad_h0,
+        grad_h_n if grad_h_n is not None else grad_h0,
+        grad_c_n if grad_c_n is not None else grad_c0,
+        act, c_seq,
+        c0 if c0 is not None else grad_c0,
+        weight_hh,
+        lengths if lengths is not None else grad_h0,
+        grad_gates_x, grad_h0, grad_c0,
+        T, B, H, B * H,
+        HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
+        HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+        BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return grad_gates_x, grad_h0, grad_c0
