@@ -51,29 +51,48 @@ def lengths_from_batch_sizes(batch_sizes: Sequence[int], batch: int, device) -> 
     return (sizes.unsqueeze(1) > torch.arange(batch).unsqueeze(0)).sum(0).to(device)
 
 
-def previous_states(seq: torch.Tensor, init: torch.Tensor, batch_sizes: BatchSizes,
+def previous_states(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torch.Tensor],
                     reverse: bool) -> torch.Tensor:
     """For every step t, the state each row held before step t: (T, B, X).
 
-    ``seq[t]`` is the state after step t. A row's state before its first step is ``init``.
-    Forward, every active row at t was active at t-1, so it is a shift by one step. In
-    reverse with packed rows, a row whose length is L starts at step L-1 from ``init``.
+    ``seq[t]`` is the state after step t (zero where a row is inactive); a row's state
+    before its first step is ``init``. Forward in time every row active at t was active at
+    t-1, so it is a shift by one step. In reverse, a row of length L (``lengths``, any
+    order; None means all T) starts at step L-1 from ``init``.
     """
+    T = seq.shape[0]
     prev = torch.empty_like(seq)
-    if seq.shape[0] == 0:
+    if T == 0:
         return prev
-    if reverse:
-        prev[:-1] = seq[1:]
-        prev[-1] = init
-        if batch_sizes is not None:
-            for t in range(seq.shape[0] - 1):
-                started, now = batch_sizes[t + 1], batch_sizes[t]
-                if now > started:
-                    prev[t, started:now] = init[started:now]
-    else:
+    if not reverse:
         prev[1:] = seq[:-1]
         prev[0] = init
+        return prev
+    prev[:-1] = seq[1:]
+    prev[-1] = init
+    if lengths is not None:
+        starts = torch.arange(T, device=seq.device).unsqueeze(1) == (lengths - 1).unsqueeze(0)
+        prev = torch.where(starts.unsqueeze(-1), init.unsqueeze(0), prev)
     return prev
+
+
+def recurrent_weight_grad(grad_rec: torch.Tensor, h_prev: torch.Tensor,
+                          n_block_operand: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient of ``W_hh`` as ONE GEMM over all steps: sum_t grad_rec_t^T @ h_{t-1}.
+
+    ``grad_rec`` (T, B, G) is the gradient of each step's recurrent product ``h @ W_hh^T``.
+    The original GRU (``reset_after=False``) multiplies its n block by ``r * h`` instead of
+    ``h``: pass that as ``n_block_operand`` (T, B, H). Operands are taken in the gradient's
+    dtype (the kernels return fp32 gradients for low-precision models).
+    """
+    G = grad_rec.shape[-1]
+    rows = grad_rec.reshape(-1, G)
+    h_rows = h_prev.reshape(-1, h_prev.shape[-1]).to(rows.dtype)
+    if n_block_operand is None:
+        return rows.t().mm(h_rows)
+    H = n_block_operand.shape[-1]
+    n_rows = n_block_operand.reshape(-1, H).to(rows.dtype)
+    return torch.cat([rows[:, :G - H].t().mm(h_rows), rows[:, G - H:].t().mm(n_rows)])
 
 
 def fold_final_grad(grad_y: Optional[torch.Tensor], grad_final: Optional[torch.Tensor],
@@ -221,8 +240,9 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh,
     P = y.shape[2]
     packed = batch_sizes is not None
     i, f, g, o = act[..., :H], act[..., H:2 * H], act[..., 2 * H:3 * H], act[..., 3 * H:]
+    lengths = None if not packed else lengths_from_batch_sizes(batch_sizes, B, act.device)
     tanh_c = torch.tanh(cells)
-    c_prev = previous_states(cells, c0, batch_sizes, reverse)
+    c_prev = previous_states(cells, c0, lengths, reverse)
     # Everything that does not depend on the recurrent gradient, for all steps at once:
     #   d c_t          = d c_{t+1} * f_{t+1} + d hidden_t * o_t * (1 - tanh(c_t)^2)
     #   d pre_{i,f,g}  = d c_t * [g i(1-i), c_{t-1} f(1-f), i (1-g^2)]
@@ -276,8 +296,7 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh,
         torch.mul(dct, f_t, out=dcc)
         rows_before, dg_before = n, dg
 
-    h_prev = previous_states(y, h0, batch_sizes, reverse)
-    grad_weight_hh = grad_gates.reshape(-1, G).t().mm(h_prev.reshape(-1, P))
+    grad_weight_hh = recurrent_weight_grad(grad_gates, previous_states(y, h0, lengths, reverse))
     grad_h0 = first_step_rows(grad_gates, batch_sizes, reverse).mm(weight_hh)
     grad_weight_hr = None
     if weight_hr is not None:
@@ -350,7 +369,8 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
     H = G // 3
     packed = batch_sizes is not None
     r, z, cand = act[..., :H], act[..., H:2 * H], act[..., 2 * H:]
-    h_prev = previous_states(y, h0, batch_sizes, reverse)
+    lengths = None if not packed else lengths_from_batch_sizes(batch_sizes, B, act.device)
+    h_prev = previous_states(y, h0, lengths, reverse)
     # Factors of the gate gradients per unit of d h_t, for all steps at once.
     dcand_pre = (1 - z) * (1 - cand * cand)              # d n_pre / d h_t
     dz_pre = (h_prev - cand) * z * (1 - z)               # d z_pre / d h_t
@@ -427,14 +447,11 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
     if reset_after:
         grad_gates.copy_(grad_rec)
         grad_gates[..., 2 * H:] = grad_h * dcand_pre
-        grad_weight_hh = grad_rec.reshape(-1, G).t().mm(h_prev.reshape(-1, H))
+        grad_weight_hh = recurrent_weight_grad(grad_rec, h_prev)
         grad_bias_hn = grad_rec[..., 2 * H:].sum((0, 1)) if bias_hn is not None else None
         grad_h0 += first(grad_rec).mm(weight_hh)
     else:
-        grad_weight_hh = torch.cat([
-            grad_gates[..., :2 * H].reshape(-1, 2 * H).t().mm(h_prev.reshape(-1, H)),
-            grad_gates[..., 2 * H:].reshape(-1, H).t().mm(recurrent.reshape(-1, H)),
-        ])
+        grad_weight_hh = recurrent_weight_grad(grad_gates, h_prev, n_block_operand=recurrent)
         grad_bias_hn = None
         grad_h0 += first(grad_gates[..., :2 * H]).mm(w_rz)
         grad_h0 += first(grad_rh * r)
