@@ -1,0 +1,99 @@
+"""GPU checks of the Triton kernels (skipped without CUDA): against an fp64 reference and
+against cuDNN, long sequences, and run-to-run determinism."""
+import pytest
+import torch
+
+import lstmgru
+from lstmgru._kernels import _launch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _models(op, I, H, dtype, **kwargs):
+    ours = getattr(lstmgru, op)(I, H, device="cuda", dtype=dtype, **kwargs)
+    cudnn = getattr(torch.nn, op)(I, H, device="cuda", dtype=dtype, **kwargs)
+    exact = getattr(torch.nn, op)(I, H, device="cuda", dtype=torch.float64, **kwargs)
+    cudnn.load_state_dict(ours.state_dict())
+    exact.load_state_dict(ours.state_dict())
+    return ours, cudnn, exact
+
+
+def _forward_backward(module, x):
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    y, _ = module(x)
+    weights = torch.linspace(-1, 1, y.numel(), device=y.device, dtype=torch.float64)
+    (y.double() * weights.view_as(y)).sum().backward()
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    return y.detach(), grads
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("B,H", [(1, 128), (16, 256), (64, 1024), (5, 100)])
+def test_fp32_tight(op, B, H):
+    torch.manual_seed(B + H)
+    ours, cudnn, exact = _models(op, H, H, torch.float32)
+    x = torch.randn(64, B, H, device="cuda")
+    with lstmgru.use_backend("triton"):
+        before = _launch.launches
+        y, grads = _forward_backward(ours, x)
+        assert _launch.launches - before == 2
+    y64, grads64 = _forward_backward(exact, x.double())
+    assert _err(y, y64) < 1e-4
+    for g, g64 in zip(grads, grads64):
+        assert _err(g, g64) < 1e-3 * max(1.0, g64.abs().max().item())
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H", [(16, 256), (64, 768)])
+def test_half_no_worse_than_twice_cudnn(op, dtype, B, H):
+    torch.manual_seed(H)
+    ours, cudnn, exact = _models(op, H, H, dtype)
+    x = torch.randn(256, B, H, device="cuda")
+    with lstmgru.use_backend("triton"):
+        y, grads = _forward_backward(ours, x.to(dtype))
+    y_c, grads_c = _forward_backward(cudnn, x.to(dtype))
+    y64, grads64 = _forward_backward(exact, x.double())
+    assert _err(y, y64) <= 2 * _err(y_c, y64) + 1e-3
+    for g, g_c, g64 in zip(grads, grads_c, grads64):
+        assert _err(g, g64) <= 2 * _err(g_c, g64) + 1e-3 * g64.abs().max().item()
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_long_sequence(op):
+    torch.manual_seed(4096)
+    ours, cudnn, exact = _models(op, 64, 128, torch.float32)
+    x = torch.randn(4096, 8, 64, device="cuda")
+    with lstmgru.use_backend("triton"):
+        y, grads = _forward_backward(ours, x)
+    y64, grads64 = _forward_backward(exact, x.double())
+    assert _err(y, y64) < 1e-3
+    for g, g64 in zip(grads, grads64):
+        assert _err(g, g64) < 1e-2 * max(1.0, g64.abs().max().item())
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_deterministic(op):
+    torch.manual_seed(1)
+    ours, _, _ = _models(op, 256, 256, torch.bfloat16, num_layers=2, bidirectional=True)
+    x = torch.randn(128, 32, 256, device="cuda", dtype=torch.bfloat16)
+    with lstmgru.use_backend("triton"):
+        y1, g1 = _forward_backward(ours, x)
+        y2, g2 = _forward_backward(ours, x)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_auto_uses_kernels_on_cuda():
+    m = lstmgru.GRU(32, 64, device="cuda")
+    before = _launch.launches
+    with lstmgru.use_backend("auto"), torch.no_grad():
+        m(torch.randn(10, 4, 32, device="cuda"))
+    assert _launch.launches - before == 1
