@@ -4,7 +4,9 @@ Fused Triton kernels on CUDA tensors, a plain-PyTorch reference path elsewhere, 
 original GRU (``reset_after=False``) that torch.nn and cuDNN cannot compute.
 """
 from ._dispatch import get_backend, set_backend, use_backend
+from .keras import from_keras
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "get_backend", "set_backend", "use_backend"]
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "from_keras", "get_backend", "set_backend",
+           "use_backend"]
 __version__ = "0.1.0"
