@@ -193,20 +193,23 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, s
     y = _storage(gates_x, T, B, P, packed)
     act = _storage(gates_x, T if save else 1, B, G, packed)      # i, f, g, o after activation
     cells = _storage(gates_x, T if save else 2, B, H, packed)    # c_t (a ring of 2 suffices)
+    # tanh(c_t) is kept for backward: recomputing it costs a full pass of CPU tanh, which is
+    # several times slower than sigmoid.
+    tanh_cells = _storage(gates_x, T if save else 1, B, H, packed)
     pre = gates_x.new_empty(B, G)
-    tanh_c = gates_x.new_empty(B, H)
     hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
     per_step = list(zip(
         gates_x.unbind(0), _steps(act, T), _steps(act[..., :H], T), _steps(act[..., H:2 * H], T),
         _steps(act[..., 2 * H:3 * H], T), _steps(act[..., 3 * H:], T), _steps(cells, T),
-        y.unbind(0)))
-    w_hh_t = weight_hh.t()
-    w_hr_t = weight_hr.t() if weight_hr is not None else None
+        _steps(tanh_cells, T), y.unbind(0)))
+    # Detached: out= ops on tensors that require grad take a slower path, even under no_grad.
+    w_hh_t = weight_hh.detach().t()
+    w_hr_t = weight_hr.detach().t() if weight_hr is not None else None
     h_carry, c_carry = _StateCarry(h0), _StateCarry(c0)
     h_prev, c_prev = h0, c0
     for t in step_order(T, reverse):
-        gx, a, i, f, g, o, c, out = per_step[t]
-        p, p_g, tc, hid = pre, pre[:, 2 * H:3 * H], tanh_c, hidden
+        gx, a, i, f, g, o, c, tc, out = per_step[t]
+        p, p_g, hid = pre, pre[:, 2 * H:3 * H], hidden
         if packed:
             n = batch_sizes[t]
             h_prev, c_prev = h_carry.take(n), c_carry.take(n)
@@ -229,19 +232,18 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, s
             h_carry.put(out)
             c_carry.put(c)
     if packed:
-        return y, h_carry.finish(), c_carry.finish(), act, cells
-    return y, h_prev, c_prev, act, cells
+        return y, h_carry.finish(), c_carry.finish(), act, cells, tanh_cells
+    return y, h_prev, c_prev, act, cells, tanh_cells
 
 
-def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh, weight_hr,
-                   batch_sizes, reverse):
+def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, weight_hh,
+                   weight_hr, batch_sizes, reverse):
     T, B, G = act.shape
     H = G // 4
     P = y.shape[2]
     packed = batch_sizes is not None
     i, f, g, o = act[..., :H], act[..., H:2 * H], act[..., 2 * H:3 * H], act[..., 3 * H:]
     lengths = None if not packed else lengths_from_batch_sizes(batch_sizes, B, act.device)
-    tanh_c = torch.tanh(cells)
     c_prev = previous_states(cells, c0, lengths, reverse)
     # Everything that does not depend on the recurrent gradient, for all steps at once:
     #   d c_t          = d c_{t+1} * f_{t+1} + d hidden_t * o_t * (1 - tanh(c_t)^2)
@@ -254,7 +256,6 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh,
     dpre_o_per_dhidden = tanh_c * o * (1 - o)
     del c_prev
     hidden = o * tanh_c if weight_hr is not None else None
-    del tanh_c
 
     grad_out = fold_final_grad(grad_y, grad_h_n, y, batch_sizes, reverse)
     grad_gates = act.new_zeros(T, B, G)
@@ -317,8 +318,7 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_af
     # products h W_hh^T (+ b_hn) (dr needs their n block); without it r * h_{t-1} (the
     # right operand of the n-block weight gradient).
     recurrent = _storage(gates_x, T if save else 1, B, G if reset_after else H, packed)
-    diff = gates_x.new_empty(B, H)
-    w_hh_t = weight_hh.t()
+    w_hh_t = weight_hh.detach().t()       # detached: see _lstm_forward
     w_rz_t, w_n_t = w_hh_t[:, :2 * H], w_hh_t[:, 2 * H:]
     bias_h = None
     if reset_after and bias_hn is not None:
@@ -334,13 +334,12 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_af
     h_prev = h0
     for t in step_order(T, reverse):
         gx_rz, gx_n, rz, r, z, cand, rec, rec_rz, rec_n, out = per_step[t]
-        d = diff
         if packed:
             n = batch_sizes[t]
             h_prev = h_carry.take(n)
             if n != B:
-                gx_rz, gx_n, rz, r, z, cand, rec, out, d = _rows(
-                    (gx_rz, gx_n, rz, r, z, cand, rec, out, d), n)
+                gx_rz, gx_n, rz, r, z, cand, rec, out = _rows(
+                    (gx_rz, gx_n, rz, r, z, cand, rec, out), n)
                 if reset_after:
                     rec_rz, rec_n = rec_rz[:n], rec_n[:n]
         if reset_after:
@@ -354,9 +353,8 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_af
             torch.addmm(gx_rz, h_prev, w_rz_t, out=rz).sigmoid_()
             torch.mul(r, h_prev, out=rec)
             torch.addmm(gx_n, rec, w_n_t, out=cand).tanh_()
-        # h_t = (1 - z) * n + z * h_{t-1} = n + z * (h_{t-1} - n)
-        torch.sub(h_prev, cand, out=d)
-        torch.addcmul(cand, z, d, out=out)
+        # h_t = (1 - z) * n + z * h_{t-1} = lerp(n, h_{t-1}, z)
+        torch.lerp(cand, h_prev, z, out=out)
         h_prev = out
         if packed:
             h_carry.put(out)
@@ -465,19 +463,19 @@ class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse):
         save = any(ctx.needs_input_grad)
-        y, h_n, c_n, act, cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
-                                                batch_sizes, reverse, save)
+        y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
+                                                            batch_sizes, reverse, save)
         if save:
-            ctx.save_for_backward(act, cells, y, h0, c0, weight_hh, weight_hr)
+            ctx.save_for_backward(act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr)
             ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
         return y, h_n, c_n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_h_n, grad_c_n):
-        act, cells, y, h0, c0, weight_hh, weight_hr = ctx.saved_tensors
+        act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr = ctx.saved_tensors
         grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_backward(
-            grad_y, grad_h_n, grad_c_n, act, cells, y, h0, c0, weight_hh, weight_hr,
+            grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
             ctx.batch_sizes, ctx.reverse)
         return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None
 
