@@ -29,9 +29,9 @@ _explicit_backend: Optional[str] = None
 _reasons_logged: set = set()
 
 
-def _validate(name) -> str:
+def _validate(name, source: str = "backend") -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown lstmgru backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown lstmgru {source} {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
 
@@ -40,10 +40,7 @@ def get_backend() -> str:
     if _explicit_backend is not None:
         return _explicit_backend
     name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"environment variable {ENV_VAR}={name!r} names no lstmgru backend; "
-                         f"expected one of {', '.join(BACKENDS)}")
-    return name
+    return _validate(name, f"backend from the environment variable {ENV_VAR}:")
 
 
 def set_backend(name: str) -> None:
@@ -74,6 +71,9 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on tensors of ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
+    if importlib.util.find_spec("lstmgru._kernels") is None:
+        # kernels/ becomes lstmgru._kernels only when the package is installed.
+        return "the kernels are not installed: install the package (pip install -e .)"
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreter_enabled():

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ._kernels import gru as gru_kernels
 from ._kernels import lstm as lstm_kernels
-from .reference import lengths_from_batch_sizes, previous_states, recurrent_weight_grad
+from .reference import (lengths_from_batch_sizes, needs_grad, previous_states,
+                        recurrent_weight_grad)
 
 
 def _nothing(like: Tensor) -> Tensor:
@@ -170,15 +171,15 @@ def _lengths(batch_sizes: Optional[Sequence[int]], batch: int, device) -> Option
     return None if batch_sizes is None else lengths_from_batch_sizes(batch_sizes, batch, device)
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
+                    weight_hr: Optional[Tensor] = None,
                     batch_sizes: Optional[Sequence[int]] = None, reverse: bool = False):
-    """``lstmgru.reference.lstm_recurrence`` (without projection) on the Triton kernels."""
+    """``lstmgru.reference.lstm_recurrence`` on the Triton kernels, which have no projection
+    (the dispatcher routes ``proj_size`` to the reference)."""
+    if weight_hr is not None:
+        raise ValueError("the Triton LSTM kernels have no projection (weight_hr)")
     lengths = _lengths(batch_sizes, gates_x.shape[1], gates_x.device)
-    training = _needs_grad(gates_x, h0, c0, weight_hh)
+    training = needs_grad(gates_x, h0, c0, weight_hh)
     y, h_n, c_n, _, _ = lstm_forward(gates_x.contiguous(), h0.contiguous(), c0.contiguous(),
                                      weight_hh.contiguous(), lengths, reverse, training)
     return y, h_n, c_n
@@ -189,7 +190,7 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Opti
                    reset_after: bool = True):
     """``lstmgru.reference.gru_recurrence`` on the Triton kernels."""
     lengths = _lengths(batch_sizes, gates_x.shape[1], gates_x.device)
-    training = _needs_grad(gates_x, h0, weight_hh, bias_hn)
+    training = needs_grad(gates_x, h0, weight_hh, bias_hn)
     y, h_n, _, _ = gru_forward(gates_x.contiguous(), h0.contiguous(), weight_hh.contiguous(),
                                None if bias_hn is None else bias_hn.contiguous(), lengths,
                                reverse, reset_after, training)

@@ -27,13 +27,7 @@ def input_projection(x: torch.Tensor, weight_ih: torch.Tensor,
     return gates.view(T, B, weight_ih.shape[0])
 
 
-def _same_dtype(dtype: torch.dtype, *tensors):
-    """Under autocast the projection comes out in the autocast dtype; the recurrence then
-    runs in that dtype too, like cuDNN's RNN under autocast."""
-    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
-def _kernel_gap(device: torch.device, dtype: torch.dtype, *, proj: bool) -> Optional[str]:
+def _kernel_gap(dtype: torch.dtype, *, proj: bool) -> Optional[str]:
     """Why the Triton kernels cannot take this case, or None. Imports no Triton code."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the kernels support float32, float16 and bfloat16, not {dtype}"
@@ -49,12 +43,11 @@ def lstm_layer(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor
     """LSTM over x (T, B, I) -> y (T, B, P), h_n (B, P), c_n (B, H)."""
     bias = None if bias_ih is None else bias_ih + bias_hh
     gates_x = input_projection(x, weight_ih, bias)
-    weight_hh, weight_hr, h0, c0 = _same_dtype(gates_x.dtype, weight_hh, weight_hr, h0, c0)
-    gap = _kernel_gap(gates_x.device, gates_x.dtype, proj=weight_hr is not None)
+    gap = _kernel_gap(gates_x.dtype, proj=weight_hr is not None)
     if _dispatch.choose(gates_x.device, gap) == "triton":
         from . import _ops
 
-        return _ops.lstm_recurrence(gates_x, h0, c0, weight_hh, batch_sizes, reverse)
+        return _ops.lstm_recurrence(gates_x, h0, c0, weight_hh, None, batch_sizes, reverse)
     return reference.lstm_recurrence(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse)
 
 
@@ -72,8 +65,7 @@ def gru_layer(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
         else:
             bias = bias_ih + bias_hh
     gates_x = input_projection(x, weight_ih, bias)
-    weight_hh, bias_hn, h0 = _same_dtype(gates_x.dtype, weight_hh, bias_hn, h0)
-    gap = _kernel_gap(gates_x.device, gates_x.dtype, proj=False)
+    gap = _kernel_gap(gates_x.dtype, proj=False)
     if _dispatch.choose(gates_x.device, gap) == "triton":
         from . import _ops
 

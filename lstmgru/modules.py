@@ -9,6 +9,7 @@ directions lives here; one layer-direction is ``lstmgru.functional``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional
+from .reference import lengths_from_batch_sizes
 
 _GATES = {"LSTM": 4, "GRU": 3}
 
@@ -36,6 +38,32 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def _check_bool_arg(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Under autocast torch.nn accepts inputs and states in another dtype than the weights."""
+    return torch.is_autocast_enabled(device.type)
+
+
+def _run_dtype(x: torch.Tensor, autocast_covers_cpu: bool) -> torch.dtype:
+    """The dtype torch.nn computes in: the autocast dtype where autocast covers the op
+    (every RNN op on CUDA; on the CPU only the LSTM layer), else the input's dtype."""
+    covered = x.device.type == "cuda" or (x.device.type == "cpu" and autocast_covers_cpu)
+    if covered and _autocast_on(x.device):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _autocast_off(device: torch.device):
+    """Inside, dtypes are chosen explicitly (``_run_dtype``), not op by op by autocast."""
+    if _autocast_on(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _RNNBase(nn.Module):
     mode: str
 
@@ -43,9 +71,11 @@ class _RNNBase(nn.Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
         super().__init__()
-        _check_size_arg("input_size", input_size, 0)
+        _check_size_arg("input_size", input_size, 1)
         _check_size_arg("hidden_size", hidden_size, 1)
         _check_size_arg("num_layers", num_layers, 1)
+        _check_bool_arg("bias", bias)
+        _check_bool_arg("batch_first", batch_first)
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the "
@@ -127,7 +157,7 @@ class _RNNBase(nn.Module):
     # ---------------------------------------------------------------- argument checks
     def _check_input(self, x: torch.Tensor, what: str = "input") -> None:
         weight = self.weight_ih_l0
-        if x.dtype != weight.dtype:
+        if x.dtype != weight.dtype and not (x.is_floating_point() and _autocast_on(x.device)):
             raise ValueError(f"{self.mode}: {what} dtype ({x.dtype}) does not match weight dtype "
                              f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
                              f"convert model: model.to({x.dtype})")
@@ -142,7 +172,7 @@ class _RNNBase(nn.Module):
         if _shape(state) != expected:
             raise RuntimeError(f"{self.mode}: expected {name} of shape {expected} (num_layers * "
                                f"num_directions, batch, size), got {_shape(state)}")
-        if state.dtype != x.dtype:
+        if state.dtype != x.dtype and not _autocast_on(x.device):
             raise RuntimeError(f"{self.mode}: {name} dtype ({state.dtype}) does not match input "
                                f"dtype ({x.dtype})")
         if state.device != x.device:
@@ -213,32 +243,15 @@ class _RNNBase(nn.Module):
         if x.shape[0] == 0:
             raise RuntimeError(f"{self.mode}: Expected sequence length to be larger than 0 in RNN "
                                f"(input has shape {_shape(input if not batch_sizes else x)})")
-        x = x.contiguous()
         batch = x.shape[1]
         states = self._initial_states(hx, x, batch, batched, sorted_indices)
-
-        directions = 2 if self.bidirectional else 1
-        finals: List[List[torch.Tensor]] = [[] for _ in states]
-        layer_input = x
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                weights = [self._parameters[n] for n in self._all_weights[index]]
-                y, *last = self._run_layer(layer_input, weights, [s[index] for s in states],
-                                           batch_sizes, direction == 1)
-                outputs.append(y)
-                for kept, state in zip(finals, last):
-                    kept.append(state)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output = layer_input
-        final = [torch.stack(kept) for kept in finals]
+        dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
+        with _autocast_off(x.device):
+            output, final = self._layers(x.to(dtype).contiguous(),
+                                         [s.to(dtype) for s in states], batch_sizes, dtype)
 
         if batch_sizes is not None:
-            lengths = torch.as_tensor(batch_sizes)
-            lengths = (lengths.unsqueeze(1) > torch.arange(batch).unsqueeze(0)).sum(0)
+            lengths = lengths_from_batch_sizes(batch_sizes, batch, "cpu")
             packed = pack_padded_sequence(output, lengths, enforce_sorted=True)
             output = PackedSequence(packed.data, batch_sizes_t, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -249,6 +262,26 @@ class _RNNBase(nn.Module):
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, (tuple(final) if self.mode == "LSTM" else final[0])
+
+    def _layers(self, x, states, batch_sizes, dtype):
+        """All layers and directions: x (T, B, I) -> output (T, B, D*P), final states."""
+        directions = 2 if self.bidirectional else 1
+        finals: List[List[torch.Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                weights = [self._parameters[n].to(dtype) for n in self._all_weights[index]]
+                y, *last = self._run_layer(layer_input, weights, [s[index] for s in states],
+                                           batch_sizes, direction == 1)
+                outputs.append(y)
+                for kept, state in zip(finals, last):
+                    kept.append(state)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, [torch.stack(kept) for kept in finals]
 
 
 class LSTM(_RNNBase):
@@ -320,8 +353,9 @@ class _CellBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        _check_size_arg("input_size", input_size, 0)
+        _check_size_arg("input_size", input_size, 1)
         _check_size_arg("hidden_size", hidden_size, 1)
+        _check_bool_arg("bias", bias)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -346,8 +380,14 @@ class _CellBase(nn.Module):
             s += ", bias={bias}"
         return s.format(**self.__dict__)
 
+    def _weights(self, dtype: torch.dtype) -> list:
+        """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""
+        return [None if w is None else w.to(dtype)
+                for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)]
+
     def _prepare(self, input, hx, names: Sequence[str]) -> Tuple[torch.Tensor, list, bool]:
-        """Checks and batches (input, hx): returns x (B, I), states [(B, H)...], batched."""
+        """Checks and batches (input, hx): returns x (B, I) and states [(B, H)...] in the
+        dtype the step runs in (autocast covers torch's cells on CUDA only), and batched."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -356,20 +396,26 @@ class _CellBase(nn.Module):
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{self.mode}: input has inconsistent input_size: got "
                                f"{input.shape[-1]} expected {self.input_size}")
-        if input.dtype != self.weight_ih.dtype:
+        autocast = _autocast_on(input.device)
+        if input.dtype != self.weight_ih.dtype and not autocast:
             raise RuntimeError(f"{self.mode}: input dtype ({input.dtype}) does not match weight "
                                f"dtype ({self.weight_ih.dtype})")
         if input.device != self.weight_ih.device:
             raise RuntimeError(f"{self.mode}: input is on {input.device} but the weights are on "
                                f"{self.weight_ih.device}")
         batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
+        dtype = _run_dtype(input, autocast_covers_cpu=False)
+        x = (input if batched else input.unsqueeze(0)).to(dtype)
         if hx is None:
             return x, [x.new_zeros(x.shape[0], self.hidden_size) for _ in names], batched
         states = list(hx) if len(names) > 1 and isinstance(hx, (tuple, list)) else [hx]
         if len(states) != len(names) or not all(isinstance(s, torch.Tensor) for s in states):
-            raise RuntimeError(f"{self.mode}: hx must be {' and '.join(names)} as tensors")
+            wanted = "a tuple (hx, cx) of tensors" if len(names) > 1 else "a tensor"
+            raise RuntimeError(f"{self.mode}: hx must be {wanted}, got {type(hx).__name__}")
         for state, name in zip(states, names):
+            if state.dim() not in (1, 2):
+                raise ValueError(f"{self.mode}: Expected {name} to be 1D or 2D, got "
+                                 f"{state.dim()}D instead")
             if state.dim() != input.dim():
                 raise RuntimeError(f"{self.mode}: {name} must be {input.dim()}-D like the input, "
                                    f"got {state.dim()}-D of shape {_shape(state)}")
@@ -379,7 +425,7 @@ class _CellBase(nn.Module):
             if state.shape[-1] != self.hidden_size:
                 raise RuntimeError(f"{self.mode}: {name} has inconsistent hidden_size: got "
                                    f"{state.shape[-1]}, expected {self.hidden_size}")
-            if state.dtype != input.dtype:
+            if state.dtype != input.dtype and not autocast:
                 raise RuntimeError(f"{self.mode}: {name} dtype ({state.dtype}) does not match "
                                    f"input dtype ({input.dtype})")
             if state.device != input.device:
@@ -387,7 +433,7 @@ class _CellBase(nn.Module):
                                    f"{input.device}")
         if not batched:
             states = [s.unsqueeze(0) for s in states]
-        return x, states, batched
+        return x, [s.to(dtype) for s in states], batched
 
 
 class LSTMCell(_CellBase):
@@ -400,8 +446,8 @@ class LSTMCell(_CellBase):
     def forward(self, input: torch.Tensor,
                 hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
-        _, h, c = functional.lstm_layer(x.unsqueeze(0), self.weight_ih, self.weight_hh,
-                                        self.bias_ih, self.bias_hh, None, h0, c0)
+        with _autocast_off(x.device):
+            _, h, c = functional.lstm_layer(x.unsqueeze(0), *self._weights(x.dtype), None, h0, c0)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -419,7 +465,7 @@ class GRUCell(_CellBase):
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
-        _, h = functional.gru_layer(x.unsqueeze(0), self.weight_ih, self.weight_hh,
-                                    self.bias_ih, self.bias_hh, h0,
-                                    reset_after=self.reset_after)
+        with _autocast_off(x.device):
+            _, h = functional.gru_layer(x.unsqueeze(0), *self._weights(x.dtype), h0,
+                                        reset_after=self.reset_after)
         return h if batched else h.squeeze(0)

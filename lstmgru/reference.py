@@ -41,8 +41,10 @@ def step_order(num_steps: int, reverse: bool) -> range:
     return range(num_steps - 1, -1, -1) if reverse else range(num_steps)
 
 
-def active_rows(batch_sizes: BatchSizes, t: int, batch: int) -> int:
-    return batch if batch_sizes is None else batch_sizes[t]
+def needs_grad(*tensors) -> bool:
+    """Whether a call must save for backward. Decided by the caller: inside
+    ``autograd.Function.forward``, ``ctx.needs_input_grad`` is True even under ``no_grad``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lengths_from_batch_sizes(batch_sizes: Sequence[int], batch: int, device) -> torch.Tensor:
@@ -461,8 +463,7 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
 # --------------------------------------------------------------------------------------
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, save):
         y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
                                                             batch_sizes, reverse, save)
         if save:
@@ -477,13 +478,12 @@ class _LSTMRecurrence(torch.autograd.Function):
         grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_backward(
             grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
             ctx.batch_sizes, ctx.reverse)
-        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None, None
 
 
 class _GRURecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_after):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse, reset_after, save):
         y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, batch_sizes,
                                               reverse, reset_after, save)
         if save:
@@ -498,7 +498,7 @@ class _GRURecurrence(torch.autograd.Function):
         grad_gates, grad_h0, grad_w_hh, grad_b_hn = _gru_backward(
             grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, ctx.batch_sizes,
             ctx.reverse, ctx.reset_after)
-        return grad_gates, grad_h0, grad_w_hh, grad_b_hn, None, None, None
+        return grad_gates, grad_h0, grad_w_hh, grad_b_hn, None, None, None, None
 
 
 def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
@@ -521,7 +521,9 @@ def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     Returns:
         y (T, B, P) with zeros where a row is inactive, h_n (B, P), c_n (B, H).
     """
-    return _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse)
+    save = needs_grad(gates_x, h0, c0, weight_hh, weight_hr)
+    return _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse,
+                                 save)
 
 
 def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
@@ -545,5 +547,6 @@ def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Ten
     Returns:
         y (T, B, H) with zeros where a row is inactive, h_n (B, H).
     """
+    save = needs_grad(gates_x, h0, weight_hh, bias_hn)
     return _GRURecurrence.apply(gates_x, h0, weight_hh, bias_hn, batch_sizes, reverse,
-                                reset_after)
+                                reset_after, save)

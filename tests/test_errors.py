@@ -91,6 +91,9 @@ CELL_CASES = {
     "hx hidden": ("GRUCell", torch.randn(2, 3), torch.randn(2, 5), ["got 5", "expected 6"]),
     "cx hidden": ("LSTMCell", torch.randn(2, 3), (torch.randn(2, 6), torch.randn(2, 7)),
                   ["cx", "got 7", "expected 6"]),
+    "hx rank 3": ("GRUCell", torch.randn(2, 3), torch.randn(1, 2, 6), ["1D or 2D", "3D"]),
+    "cx rank 3": ("LSTMCell", torch.randn(2, 3), (torch.randn(2, 6), torch.randn(1, 2, 6)),
+                  ["1D or 2D", "3D"]),
     "input dtype": ("GRUCell", torch.randn(2, 3).double(), None, ["torch.float64", "torch.float32"]),
     "hx dtype": ("LSTMCell", torch.randn(2, 3), (torch.randn(2, 6).double(), torch.randn(2, 6)),
                  ["torch.float64", "torch.float32"]),
@@ -106,6 +109,9 @@ def test_cell_bad_input(case):
 
 CTOR_CASES = {
     "hidden_size 0": ("LSTM", (3, 0), {}),
+    "input_size 0": ("GRU", (0, 5), {}),
+    "bias not bool": ("LSTM", (3, 5), {"bias": 1}),
+    "batch_first not bool": ("GRU", (3, 5), {"batch_first": 1}),
     "hidden_size float": ("GRU", (3, 5.0), {}),
     "num_layers 0": ("LSTM", (3, 5), {"num_layers": 0}),
     "dropout > 1": ("GRU", (3, 5), {"dropout": 1.5}),

@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmgru
 from _parity import compare_runs, run_rnn
@@ -48,7 +49,8 @@ def random_hx(op, layers, directions, batch, hidden, proj, dtype, batched=True):
 @pytest.mark.parametrize("op,layers,bidir,batch_first,bias,proj,give_hx", _configs())
 def test_random_config(op, layers, bidir, batch_first, bias, proj, give_hx, dtype):
     torch.manual_seed(zlib.crc32(repr((op, layers, bidir, batch_first, bias, proj, give_hx)).encode()))
-    input_size, hidden = random.Random(layers).choice([(3, 5), (7, 4), (1, 6)])
+    input_size, hidden = random.Random(repr((op, bidir, batch_first, bias, proj))).choice(
+        [(3, 5), (7, 4), (1, 6), (2, 9)])
     kwargs = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first, bias=bias)
     if proj:
         kwargs["proj_size"] = proj
@@ -142,6 +144,7 @@ def test_state_dict_both_ways(op):
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
 def test_init_distribution_and_repr(op):
+    torch.manual_seed(17)
     args = (3, 400)
     ours = getattr(lstmgru, op)(*args)
     bound = 1 / 400 ** 0.5
@@ -156,3 +159,53 @@ def test_init_distribution_and_repr(op):
         assert repr(getattr(lstmgru, op)(3, 5, **kwargs)) == repr(getattr(torch.nn, op)(3, 5, **kwargs))
     if op == "LSTM":
         assert repr(lstmgru.LSTM(3, 5, proj_size=2)) == repr(torch.nn.LSTM(3, 5, proj_size=2))
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_grad_matches_grad_mode(op, packed):
+    """Inference (nothing saved, ring buffers) computes exactly what training computes."""
+    torch.manual_seed(19)
+    m = getattr(lstmgru, op)(3, 5, num_layers=2, bidirectional=True).double()
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    inp = pack_padded_sequence(x, [6, 2, 5, 1], enforce_sorted=False) if packed else x
+    out_grad, final_grad = m(inp)
+    with torch.no_grad():
+        out, final = m(inp)
+    with torch.inference_mode():
+        out_inf, final_inf = m(inp)
+    data = (lambda o: o.data) if packed else (lambda o: o)
+    assert torch.equal(data(out), data(out_grad).detach())
+    assert torch.equal(data(out_inf), data(out))
+    for a, b in zip(final if op == "LSTM" else (final,),
+                    final_grad if op == "LSTM" else (final_grad,)):
+        assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_autocast_like_torch(op):
+    """Under CPU autocast torch.nn runs the LSTM in the autocast dtype and the GRU in the
+    input's dtype (its CPU autocast list has the LSTM only); ours does the same."""
+    torch.manual_seed(23)
+    ours, ref = build_pair(op, 3, 8, torch.float32)
+    x = torch.randn(5, 2, 3)
+    for inp in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = ours(inp)
+            y_ref, _ = ref(inp)
+        assert y.dtype == y_ref.dtype
+        expected = torch.bfloat16 if op == "LSTM" or inp.dtype == torch.bfloat16 else torch.float32
+        assert y.dtype == expected
+        # bfloat16 (8 bits of mantissa) somewhere on each side: torch's native GRU returns
+        # float32 but autocast still runs its inner matmuls in bfloat16.
+        torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_batch_size_zero_backward(op):
+    ours = getattr(lstmgru, op)(3, 4, num_layers=2)
+    x = torch.randn(5, 0, 3, requires_grad=True)
+    y, _ = ours(x)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
