@@ -110,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="The ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
-                   help="lstmgru backend (auto picks the fastest that supports the case)")
+                   help="lstmgru backend (auto: the Triton kernels on CUDA, the reference elsewhere)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; at these sizes extra threads gain little and, on a "

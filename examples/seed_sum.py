@@ -124,7 +124,7 @@ def parse_args(argv=None):
                    help="torch CPU threads; at this size, syncing threads costs more than "
                         "they save (0 = torch's default)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
-                   help="lstmgru backend (auto picks the fastest that supports the case)")
+                   help="lstmgru backend (auto: the Triton kernels on CUDA, the reference elsewhere)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--tiny", action="store_true", help="a few seconds: for smoke tests")

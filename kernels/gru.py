@@ -361,7 +361,7 @@ def _gru_bwd_kernel(
     _copy_rows(dh_ptr + (T % 2) * B * H, gh0_ptr, rows, row_mask, H, True, BLOCK_B, BLOCK_H)
 
 
-class BlockSizes(NamedTuple):
+class GRUBlocks(NamedTuple):
     block_b: int
     block_h: int
     block_k: int
@@ -369,7 +369,7 @@ class BlockSizes(NamedTuple):
     num_stages: int
 
 
-def block_sizes(B: int, H: int) -> BlockSizes:
+def gru_blocks(B: int, H: int) -> GRUBlocks:
     """Tile shapes and launch options for a batch of B rows and hidden size H.
 
     The interpreter tests call this too, so they run the tile shapes the GPU compiles.
@@ -379,13 +379,14 @@ def block_sizes(B: int, H: int) -> BlockSizes:
     block_h, block_k: the column chunk shrinks as block_b grows (block_b * block_h <= 1024) and
     the reduction slice is at most 32, because with 8 warps and no software pipelining
     (num_stages=1: the inner loops are short and their trip count is only known at run time)
-    those are the largest tiles that ptxas (triton 3.9, sm_90) fits in registers without spills.
+    those are the largest tiles that ptxas fits in registers without spills (checked by compiling
+    offline for sm_90 with triton 3.9; not yet run or timed on a GPU).
     Never below 16 (tl.dot); powers of two, padded and masked inside the kernels.
     """
     block_b = min(64, max(16, triton.next_power_of_2(triton.cdiv(max(B, 1), 128))))
     block_h = min(1024 // block_b, max(16, triton.next_power_of_2(H)))
     block_k = min(32, max(16, triton.next_power_of_2(H)))
-    return BlockSizes(block_b, block_h, block_k, num_warps=8, num_stages=1)
+    return GRUBlocks(block_b, block_h, block_k, num_warps=8, num_stages=1)
 
 
 def _dot_precision(dtype):
@@ -424,7 +425,7 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     if B == 0:
         return y, h_n, saved
 
-    blocks = block_sizes(B, H)
+    blocks = gru_blocks(B, H)
     hbuf = torch.empty(2, B, H, device=dev, dtype=torch.float32)
     rh = z = None
     if not reset_after:
@@ -466,7 +467,7 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
     if B == 0:
         return grad_gx, grad_gh, grad_h0
 
-    blocks = block_sizes(B, H)
+    blocks = gru_blocks(B, H)
     dh = torch.empty(2, B, H, device=dev, dtype=torch.float32)
     _launch.launch(
         _gru_bwd_kernel, (triton.cdiv(B, blocks.block_b),),

@@ -2,7 +2,7 @@
 
 Without CUDA these run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with CUDA the same checks run the compiled kernels. Either way the launchers
-pick the block shapes through gru.block_sizes, so the interpreter runs the tiles the GPU compiles.
+pick the block shapes through gru.gru_blocks, so the interpreter runs the tiles the GPU compiles.
 """
 import os
 
@@ -199,11 +199,11 @@ def test_bf16_gpu(reset_after):
 
 
 def test_block_shapes_cover_the_loops():
-    blocks = kgru.block_sizes(18, 80)
+    blocks = kgru.gru_blocks(18, 80)
     assert blocks.block_b == 16 and blocks.block_h < 80 and blocks.block_k < 80
     for B in (1, 18, 3000, 100000):
         for H in (1, 20, 50, 80, 1024):
-            blocks = kgru.block_sizes(B, H)
+            blocks = kgru.gru_blocks(B, H)
             for blk in (blocks.block_b, blocks.block_h, blocks.block_k):
                 assert blk >= 16 and blk & (blk - 1) == 0
 
