@@ -14,6 +14,7 @@ it can be changed without re-importing. ``set_backend`` overrides it for the pro
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -67,13 +68,23 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton kernels cannot run on tensors of ``device`` (None when they can)."""
+@functools.lru_cache(maxsize=None)
+def _missing_kernels() -> Optional[str]:
+    """Whether triton and the kernels are importable. Asked once: ``find_spec`` searches the
+    file system, which would cost more than a small forward pass on every call."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     if importlib.util.find_spec("lstmgru._kernels") is None:
         # kernels/ becomes lstmgru._kernels only when the package is installed.
         return "the kernels are not installed: install the package (pip install -e .)"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on tensors of ``device`` (None when they can)."""
+    missing = _missing_kernels()
+    if missing is not None:
+        return missing
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreter_enabled():
@@ -90,17 +101,15 @@ def choose(device: torch.device, unsupported: Optional[str]) -> str:
     (a feature they lack), or None.
     """
     backend = get_backend()
-    if backend == "reference":
+    # auto: the interpreter is a correctness tool, orders of magnitude slower than the
+    # reference, so auto only takes the kernels on real GPUs.
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
         return "reference"
     reason = triton_unavailable_reason(device) or unsupported
     if backend == "triton":
         if reason is not None:
             raise RuntimeError(f"lstmgru backend 'triton' was requested but cannot run: {reason}")
         return "triton"
-    # auto: the interpreter is a correctness tool, orders of magnitude slower than the
-    # reference, so auto only takes the kernels on real GPUs.
-    if device.type != "cuda":
-        return "reference"
     if reason is not None:
         if reason not in _reasons_logged:
             _reasons_logged.add(reason)

@@ -176,7 +176,9 @@ def _steps(buffer: torch.Tensor, num_steps: int) -> list:
     slots reused in turn (a ring of 1 or 2). Made once, outside the loop, because creating
     a view costs about as much as a small op, and the loops below are dominated by that."""
     slots = buffer.unbind(0)
-    return [slots[t % len(slots)] for t in range(num_steps)]
+    if len(slots) == num_steps:
+        return slots
+    return (slots * (num_steps // len(slots) + 1))[:num_steps]
 
 
 def _rows(views, n: int):
