@@ -152,11 +152,11 @@ def _gru_fwd_kernel(
                     # Zeros at inactive positions: the caller multiplies saved r into a GEMM,
                     # where uninitialised memory (possibly NaN) would poison 0 * NaN.
                     g = gates_ptr + x_rows[:, None] + cols[None, :]
-                    tl.store(g, tl.where(am, r, 0.0).to(out_ty), mask=m)
-                    tl.store(g + H, tl.where(am, z, 0.0).to(out_ty), mask=m)
-                    tl.store(g + 2 * H, tl.where(am, n, 0.0).to(out_ty), mask=m)
+                    tl.store(g, tl.where(am, r, 0.0), mask=m)
+                    tl.store(g + H, tl.where(am, z, 0.0), mask=m)
+                    tl.store(g + 2 * H, tl.where(am, n, 0.0), mask=m)
                     tl.store(ghn_ptr + y_rows[:, None] + cols[None, :],
-                             tl.where(am, gh_n, 0.0).to(out_ty), mask=m)
+                             tl.where(am, gh_n, 0.0), mask=m)
         else:
             # Phase 1: r and z for every column; r * h_{t-1} goes to scratch because the
             # n-block product below reduces over all hidden columns of it.
@@ -178,8 +178,8 @@ def _gru_fwd_kernel(
                 tl.store(z_ptr + s_rows[:, None] + cols[None, :], z, mask=m)
                 if TRAINING:
                     g = gates_ptr + x_rows[:, None] + cols[None, :]
-                    tl.store(g, tl.where(am, r, 0.0).to(out_ty), mask=m)
-                    tl.store(g + H, tl.where(am, z, 0.0).to(out_ty), mask=m)
+                    tl.store(g, tl.where(am, r, 0.0), mask=m)
+                    tl.store(g + H, tl.where(am, z, 0.0), mask=m)
             tl.debug_barrier()
             # Phase 2: n = tanh(gx_n + (r * h) @ W_hn^T) and the state update.
             for j in range(0, H, BLOCK_H):
@@ -201,7 +201,7 @@ def _gru_fwd_kernel(
                          tl.where(am, h_new, 0.0).to(out_ty), mask=m)
                 if TRAINING:
                     tl.store(gates_ptr + x_rows[:, None] + 2 * H + cols[None, :],
-                             tl.where(am, n, 0.0).to(out_ty), mask=m)
+                             tl.where(am, n, 0.0), mask=m)
         tl.debug_barrier()
 
     _copy_rows(hbuf_ptr + (T % 2) * B * H, hn_ptr, rows, row_mask, H, True, BLOCK_B, BLOCK_H)
@@ -404,8 +404,10 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     lengths None or int (B,): row b is active at step t iff t < lengths[b]; inactive rows keep
     their state and get y = 0. reverse: steps run t = T-1 .. 0.
     Returns y (T, B, H), h_n (B, H) in gates_x.dtype, and saved: None unless training, else
-    (gates (T, B, 3H) = [r, z, n] in gates_x.dtype, zero where inactive,) plus, for
-    reset_after=True, gh_n (T, B, H) = h_{t-1} @ W_hn^T + b_hn, which the r gradient needs.
+    (gates (T, B, 3H) = [r, z, n], zero where inactive,) plus, for reset_after=True,
+    gh_n (T, B, H) = h_{t-1} @ W_hn^T + b_hn, which the r gradient needs. Saved tensors are
+    fp32 (as in the LSTM kernels), so low-precision models get gate gradients from the values
+    the forward computed, not from rounded copies.
     """
     T, B, G = gates_x.shape
     H = G // 3
@@ -417,8 +419,9 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     dev, dtype = gates_x.device, gates_x.dtype
     y = torch.empty(T, B, H, device=dev, dtype=dtype)
     h_n = torch.empty(B, H, device=dev, dtype=dtype)
-    gates = torch.empty(T, B, 3 * H, device=dev, dtype=dtype) if training else None
-    gh_n = torch.empty(T, B, H, device=dev, dtype=dtype) if training and reset_after else None
+    fp32 = torch.float32
+    gates = torch.empty(T, B, 3 * H, device=dev, dtype=fp32) if training else None
+    gh_n = torch.empty(T, B, H, device=dev, dtype=fp32) if training and reset_after else None
     saved = None
     if training:
         saved = (gates, gh_n) if reset_after else (gates,)

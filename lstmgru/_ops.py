@@ -110,8 +110,9 @@ def _(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, training):
     T, B, G = gates_x.shape
     H = G // 3
     y = gates_x.new_empty(T, B, H)
-    gates = gates_x.new_empty(T, B, G) if training else _nothing(y)
-    gh_n = gates_x.new_empty(T, B, H) if training and reset_after else _nothing(y)
+    fp32 = {"dtype": torch.float32}
+    gates = gates_x.new_empty(T, B, G, **fp32) if training else _nothing(y)
+    gh_n = gates_x.new_empty(T, B, H, **fp32) if training and reset_after else _nothing(y)
     return y, h0.new_empty(B, H), gates, gh_n
 
 

@@ -131,6 +131,7 @@ def run_case(T, B, H, reset_after, dtype=torch.float32, has_h0=True, has_bias=Tr
     gx_ref, h0_ref, w_ref, b_ref = ref_in
 
     assert y.dtype == dtype and h_n.dtype == dtype and saved[0].shape == (T, B, 3 * H)
+    assert all(s.dtype == torch.float32 for s in saved)  # saved for backward in fp32
     assert_close("y", y, y_ref.detach(), tol)
     assert_close("h_n", h_n, h_n_ref.detach(), tol)
     assert_close("grad gates_x", ggx, gx_ref.grad, tol)
