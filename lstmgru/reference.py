@@ -13,8 +13,9 @@ explicit backward:
   handful of in-place ops;
 * the gradient of ``W_hh`` (and of ``W_hr``) is ONE matrix product over all steps.
 
-The Triton kernels in ``lstmgru._kernels`` implement exactly these functions, with the
-same arguments and results, so the two are interchangeable (see ``lstmgru._ops``).
+The Triton kernels in ``lstmgru._kernels`` implement the same recurrences; ``lstmgru._ops``
+exposes them as ``lstm_recurrence`` / ``gru_recurrence`` with these functions' arguments and
+results, so the two are interchangeable.
 
 Shapes: ``T`` steps, ``B`` batch rows, ``H`` hidden size, ``P`` the size of ``h``
 (``proj_size`` for a projected LSTM, else ``H``).
@@ -201,6 +202,7 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, s
     # several times slower than sigmoid.
     tanh_cells = _storage(gates_x, T if save else 1, B, H, packed)
     pre = gates_x.new_empty(B, G)
+    pre_g = pre[:, 2 * H:3 * H]
     hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
     per_step = list(zip(
         gates_x.unbind(0), _steps(act, T), _steps(act[..., :H], T), _steps(act[..., H:2 * H], T),
@@ -213,7 +215,7 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, batch_sizes, reverse, s
     h_prev, c_prev = h0, c0
     for t in step_order(T, reverse):
         gx, a, i, f, g, o, c, tc, out = per_step[t]
-        p, p_g, hid = pre, pre[:, 2 * H:3 * H], hidden
+        p, p_g, hid = pre, pre_g, hidden
         if packed:
             n = batch_sizes[t]
             h_prev, c_prev = h_carry.take(n), c_carry.take(n)
@@ -263,27 +265,29 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
 
     grad_out = fold_final_grad(grad_y, grad_h_n, y, batch_sizes, reverse)
     grad_gates = act.new_zeros(T, B, G)
-    grad_h = _storage(act, T, B, P, packed)
+    # d h_t of every step is kept only for the projection's weight gradient.
+    grad_h = _storage(act, T if weight_hr is not None else 1, B, P, packed)
     # d c flowing back through the forget gate. Rows that have not started yet (in backward
     # order) hold the gradient of their final cell state; rows that are done hold d c_0.
     dc_carry = grad_c_n.clone() if grad_c_n is not None else act.new_zeros(B, H)
     dc = act.new_empty(B, H)
+    dc_column = dc.unsqueeze(1)                       # broadcast over the i, f, g gates
     d_hidden = act.new_empty(B, H)
     per_step = list(zip(
-        grad_out.unbind(0), grad_h.unbind(0), dc_per_dhidden.unbind(0),
+        grad_out.unbind(0), _steps(grad_h, T), dc_per_dhidden.unbind(0),
         dpre_ifg_per_dc.unbind(0), dpre_o_per_dhidden.unbind(0), f.unbind(0),
         grad_gates.unbind(0), grad_gates[..., :3 * H].view(T, B, 3, H).unbind(0),
         grad_gates[..., 3 * H:].unbind(0)))
     rows_before, dg_before = 0, None
     for t in step_order(T, not reverse):
         go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o = per_step[t]
-        dcc, dct, dhid = dc_carry, dc, d_hidden
+        dcc, dct, dc_col, dhid = dc_carry, dc, dc_column, d_hidden
         n = B
         if packed:
             n = batch_sizes[t]
             if n != B:
-                go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dhid = _rows(
-                    (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dhid), n)
+                go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid = _rows(
+                    (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid), n)
         # d h_t = d out_t + d gates_{t+1} @ W_hh (rows that ran at t+1)
         if dg_before is not None and n <= rows_before:
             torch.addmm(go, dg_before[:n] if n != rows_before else dg_before, weight_hh, out=dh)
@@ -296,7 +300,7 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
         else:
             torch.mm(dh, weight_hr, out=dhid)
         torch.addcmul(dcc, dhid, k_c, out=dct)
-        torch.mul(k_ifg, dct.unsqueeze(1), out=dg_ifg)
+        torch.mul(k_ifg, dc_col, out=dg_ifg)
         torch.mul(k_o, dhid, out=dg_o)
         torch.mul(dct, f_t, out=dcc)
         rows_before, dg_before = n, dg
@@ -397,7 +401,8 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
         grad_rh = _storage(act, T, B, H, packed)
     del dz_pre
     per_step = list(zip(
-        grad_out.unbind(0), grad_h.unbind(0), z.unbind(0), factors.unbind(0),
+        grad_out.unbind(0), grad_h.unbind(0), grad_h.unsqueeze(2).unbind(0), z.unbind(0),
+        factors.unbind(0),
         targets.unbind(0), grad_rec.unbind(0), grad_rec[..., :2 * H].unbind(0),
         r.unbind(0),
         grad_rh.unbind(0) if not reset_after else [None] * T,
@@ -406,13 +411,13 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
         dr_pre_per_drh.unbind(0) if not reset_after else [None] * T))
     rows_before, before = 0, None
     for t in step_order(T, not reverse):
-        go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, d_rh, dg_r, dg_n, k_r = per_step[t]
+        go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, d_rh, dg_r, dg_n, k_r = per_step[t]
         n = B
         if packed:
             n = batch_sizes[t]
             if n != B:
-                go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n = _rows(
-                    (go, dh, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n), n)
+                go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n = _rows(
+                    (go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n), n)
                 if not reset_after:
                     d_rh, dg_r, k_r = d_rh[:n], dg_r[:n], k_r[:n]
         # d h_t = d out_t + what step t+1 sent back to h_t: through its recurrent products
@@ -438,7 +443,7 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, b
             if not reset_after:
                 mm_into.addcmul_(d_rh_b[:m], r_b[:m])
             mm_into.addcmul_(dh_b[:m], z_b[:m])
-        torch.mul(k, dh.unsqueeze(1), out=target)
+        torch.mul(k, dh_col, out=target)
         if not reset_after:
             torch.mm(dg_n, w_n, out=d_rh)
             torch.mul(d_rh, k_r, out=dg_r)
