@@ -58,7 +58,10 @@ def test_half_no_worse_than_twice_cudnn(op, dtype, B, H):
     x = torch.randn(256, B, H, device="cuda")
     with lstmgru.use_backend("triton"):
         y, grads = _forward_backward(ours, x.to(dtype))
-    y_c, grads_c = _forward_backward(cudnn, x.to(dtype))
+    try:
+        y_c, grads_c = _forward_backward(cudnn, x.to(dtype))
+    except RuntimeError as error:  # bf16 RNNs need cuDNN >= 9.13 (DESIGN.md section 4)
+        pytest.skip(f"torch.nn.{op} cannot run in {dtype} on this GPU: {error}")
     y64, grads64 = _forward_backward(exact, x.double())
     assert _err(y, y64) <= 2 * _err(y_c, y64) + 1e-3
     for g, g_c, g64 in zip(grads, grads_c, grads64):
