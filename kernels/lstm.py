@@ -51,6 +51,28 @@ def lstm_blocks(batch: int, hidden: int, dtype: torch.dtype) -> LSTMBlocks:
     return LSTMBlocks(block_b, block_h, block_k, num_warps, num_stages=2)
 
 
+@triton.jit
+def _load_pair_fp32(a_ptr, b_ptr, a_out_ptr, b_out_ptr, rows2, row_ok, H,
+                    HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Copy this program's rows of two (B, H) tensors into fp32 (B, H) buffers, zeros for an
+    absent one: the initial (h, c) of the forward, the final (dh, dc) of the backward."""
+    for j in range(0, H, BLOCK_H):
+        cols = j + tl.arange(0, BLOCK_H)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        st = rows2 * H + cols[None, :]
+        if HAS_A:
+            a = tl.load(a_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            a = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        if HAS_B:
+            b = tl.load(b_ptr + st, mask=mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        tl.store(a_out_ptr + st, a, mask=mask)
+        tl.store(b_out_ptr + st, b, mask=mask)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _lstm_fwd_kernel(
     gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr,
@@ -71,20 +93,8 @@ def _lstm_fwd_kernel(
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
 
     # h is double-buffered: every chunk of step t reads all of h_{t-1} while the step writes h_t.
-    for j in range(0, H, BLOCK_H):
-        cols = j + tl.arange(0, BLOCK_H)
-        mask = row_ok[:, None] & (cols < H)[None, :]
-        st = rows2 * H + cols[None, :]
-        if HAS_H0:
-            h = tl.load(h0_ptr + st, mask=mask, other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-        if HAS_C0:
-            c = tl.load(c0_ptr + st, mask=mask, other=0.0).to(tl.float32)
-        else:
-            c = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-        tl.store(h_buf_ptr + st, h, mask=mask)
-        tl.store(c_buf_ptr + st, c, mask=mask)
+    _load_pair_fp32(h0_ptr, c0_ptr, h_buf_ptr, c_buf_ptr, rows2, row_ok, H, HAS_H0, HAS_C0,
+                    BLOCK_B, BLOCK_H)
     tl.debug_barrier()
 
     for s in range(0, T):
@@ -187,20 +197,8 @@ def _lstm_bwd_kernel(
 
     # dh_ptr / dc_ptr carry dL/dh and dL/dc of the state flowing backwards; after step 0 they are
     # the gradients of h0 and c0, so they double as the outputs.
-    for j in range(0, H, BLOCK_H):
-        cols = j + tl.arange(0, BLOCK_H)
-        mask = row_ok[:, None] & (cols < H)[None, :]
-        st = rows2 * H + cols[None, :]
-        if HAS_GHN:
-            dh = tl.load(ghn_ptr + st, mask=mask, other=0.0).to(tl.float32)
-        else:
-            dh = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-        if HAS_GCN:
-            dc = tl.load(gcn_ptr + st, mask=mask, other=0.0).to(tl.float32)
-        else:
-            dc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-        tl.store(dh_ptr + st, dh, mask=mask)
-        tl.store(dc_ptr + st, dc, mask=mask)
+    _load_pair_fp32(ghn_ptr, gcn_ptr, dh_ptr, dc_ptr, rows2, row_ok, H, HAS_GHN, HAS_GCN,
+                    BLOCK_B, BLOCK_H)
     tl.debug_barrier()
 
     for s in range(0, T):
