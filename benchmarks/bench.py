@@ -710,8 +710,8 @@ def parse_args(argv=None):
                    help="timed rounds even when one round exceeds the budget")
     t.add_argument("--max-rounds", type=_positive_int, default=1000)
     e = p.add_argument_group("environment")
-    e.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
-                   help="lstmgru.use_backend(...) for ours")
+    e.add_argument("--backend", default="auto", choices=import_lstmgru().backends.names(),
+                   help="lstmgru.use_backend(...) for ours (names from lstmgru.backends)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     e.add_argument("--tf32", default="default", choices=["default", "on", "off"],

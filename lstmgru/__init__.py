@@ -1,11 +1,14 @@
 """lstmgru: drop-in torch.nn LSTM / GRU / LSTMCell / GRUCell.
 
-Fused Triton kernels on CUDA tensors, a plain-PyTorch reference path elsewhere, and the
-original GRU (``reset_after=False``) that torch.nn and cuDNN cannot compute.
+Fused Triton kernels on CUDA tensors, torch's own kernels where they compute the same
+function, a plain-PyTorch reference for everything else, and the original GRU
+(``reset_after=False``) that torch.nn and cuDNN cannot compute. ``lstmgru.backends`` says
+which implementation runs a call.
 """
 from importlib import metadata as _metadata
 
-from ._dispatch import get_backend, set_backend, use_backend
+from . import cells as _cells  # noqa: F401  (registers every cell's implementations)
+from .backends import get_backend, set_backend, use_backend
 from .keras import from_keras
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 

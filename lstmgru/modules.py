@@ -3,9 +3,12 @@
 Same constructor arguments (order, meaning, defaults), same parameter names, shapes,
 registration order and initialisation as torch.nn, so ``state_dict``s move both ways with
 ``strict=True``; same forward inputs (batched or not, ``batch_first``, ``PackedSequence``,
-``hx`` given or None) and outputs. Arguments are checked here, with the same exception
-types as torch.nn, so that no low-level error reaches the user. The loop over layers and
-directions lives here; one layer-direction is ``lstmgru.functional``.
+``hx`` given or None) and outputs.
+
+A call first asks ``lstmgru.backends`` which implementation runs it. ``native`` is torch.nn's
+own forward, run on this module (which keeps torch.nn's flat-weight bookkeeping for that);
+the others get the arguments checked here, with torch.nn's exception types, then the loop over
+layers and directions below, one layer-direction at a time (``lstmgru.cells.<cell>.layer``).
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
-from .reference import lengths_from_batch_sizes
+from . import backends
+from ._sequence import Lengths
+from .cells import gru as gru_cell
+from .cells import lstm as lstm_cell
 
 _GATES = {"LSTM": 4, "GRU": 3}
 
@@ -67,6 +72,19 @@ def _autocast_off(device: torch.device):
 class _RNNBase(nn.Module):
     mode: str
 
+    # torch.nn.RNNBase's flat-weight bookkeeping and argument checks, taken as they are (they
+    # are plain functions of the module's attributes), so that torch.nn's own forward can run
+    # on this module ("native") and code that reads these attributes finds torch.nn's.
+    _init_flat_weights = nn.RNNBase._init_flat_weights
+    _weights_have_changed = nn.RNNBase._weights_have_changed
+    _update_flat_weights = nn.RNNBase._update_flat_weights
+    flatten_parameters = nn.RNNBase.flatten_parameters
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
+
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
@@ -107,6 +125,7 @@ class _RNNBase(nn.Module):
         real_hidden = proj_size if proj_size > 0 else hidden_size
         directions = 2 if bidirectional else 1
         self._all_weights: List[List[str]] = []
+        self._flat_weights_names: List[str] = []
         for layer in range(num_layers):
             for direction in range(directions):
                 layer_input = input_size if layer == 0 else real_hidden * directions
@@ -123,16 +142,47 @@ class _RNNBase(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                     names.append(name)
                 self._all_weights.append(names)
+                self._flat_weights_names.extend(names)
+        self._init_flat_weights()
         self.reset_parameters()
+
+    def __setattr__(self, name, value) -> None:
+        # Assigning a weight (a parameter, a plain tensor, a parametrization's result) keeps
+        # _flat_weights, which both the native and our own paths read, in step.
+        names = self.__dict__.get("_flat_weights_names")
+        if names is not None and name in names:
+            self._flat_weights[names.index(name)] = value
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() replace the parameters: rebuild the flat list afterwards.
+        self._flat_weight_refs = []
+        result = super()._apply(fn, recurse)
+        self._init_flat_weights()
+        return result
+
+    def __getstate__(self):
+        self._update_flat_weights()
+        state = self.__dict__.copy()
+        del state["_flat_weight_refs"]  # weak references neither pickle nor deep-copy
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._init_flat_weights()
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        # Replicas share the flat lists' structure, not the lists themselves.
+        replica._flat_weights = replica._flat_weights[:]
+        replica._flat_weights_names = replica._flat_weights_names[:]
+        return replica
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
-
-    def flatten_parameters(self) -> None:
-        """Kept for drop-in compatibility: there is no flat cuDNN weight buffer to compact."""
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -214,26 +264,42 @@ class _RNNBase(nn.Module):
         return states
 
     # ---------------------------------------------------------------- forward
+    def _implementation(self, input) -> backends.Implementation:
+        """The implementation that runs this call (cheap: a cached decision per case)."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"{self.mode}: input must be a Tensor or a PackedSequence, got "
+                            f"{type(input).__name__}")
+        if packed:
+            batch = len(input.sorted_indices) if input.sorted_indices is not None \
+                else int(input.batch_sizes[0])
+        else:
+            batch = 1 if data.dim() != 3 else data.shape[0 if self.batch_first else 1]
+        return backends.select(backends.Case(
+            self.mode, data.device.type, _run_dtype(data, self.mode == "LSTM"),
+            self.hidden_size, batch, self.proj_size, getattr(self, "reset_after", True)))
+
     def forward(self, input, hx=None):
+        implementation = self._implementation(input)
+        if implementation.module_forward is not None:
+            return implementation.module_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise ValueError(f"{self.mode}: PackedSequence data must be 2-D (sum of lengths, "
                                  f"input_size), got {data.dim()}-D")
             self._check_input(data, "PackedSequence data")
-            batch_sizes = batch_sizes_t.tolist()
             x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes_t))
+            lengths = Lengths.from_batch_sizes(batch_sizes_t.tolist(), x.shape[1], x.device)
             batched = True
         else:
-            if not isinstance(input, torch.Tensor):
-                raise TypeError(f"{self.mode}: input must be a Tensor or a PackedSequence, got "
-                                f"{type(input).__name__}")
             if input.dim() not in (2, 3):
                 raise ValueError(f"{self.mode}: Expected input to be 2D or 3D, got "
                                  f"{input.dim()}D instead")
             self._check_input(input)
             batched = input.dim() == 3
-            batch_sizes = sorted_indices = unsorted_indices = None
+            lengths = sorted_indices = unsorted_indices = None
             if not batched:
                 x = input.unsqueeze(1)
             elif self.batch_first:
@@ -242,17 +308,16 @@ class _RNNBase(nn.Module):
                 x = input
         if x.shape[0] == 0:
             raise RuntimeError(f"{self.mode}: Expected sequence length to be larger than 0 in RNN "
-                               f"(input has shape {_shape(input if not batch_sizes else x)})")
+                               f"(input has shape {_shape(input if lengths is None else x)})")
         batch = x.shape[1]
         states = self._initial_states(hx, x, batch, batched, sorted_indices)
         dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
         with _autocast_off(x.device):
-            output, final = self._layers(x.to(dtype).contiguous(),
-                                         [s.to(dtype) for s in states], batch_sizes, dtype)
+            output, final = self._layers(x.to(dtype).contiguous(), [s.to(dtype) for s in states],
+                                         lengths, dtype, implementation.recurrence)
 
-        if batch_sizes is not None:
-            lengths = lengths_from_batch_sizes(batch_sizes, batch, "cpu")
-            packed = pack_padded_sequence(output, lengths, enforce_sorted=True)
+        if lengths is not None:
+            packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
             output = PackedSequence(packed.data, batch_sizes_t, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 final = [f.index_select(1, unsorted_indices) for f in final]
@@ -263,18 +328,21 @@ class _RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, (tuple(final) if self.mode == "LSTM" else final[0])
 
-    def _layers(self, x, states, batch_sizes, dtype):
+    def _layers(self, x, states, lengths, dtype, recurrence):
         """All layers and directions: x (T, B, I) -> output (T, B, D*P), final states."""
         directions = 2 if self.bidirectional else 1
+        self._update_flat_weights()  # parametrizations and functional_call swap the weights
+        per_layer = len(self._all_weights[0])
         finals: List[List[torch.Tensor]] = [[] for _ in states]
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
-                weights = [self._parameters[n].to(dtype) for n in self._all_weights[index]]
+                weights = [w.to(dtype) for w in
+                           self._flat_weights[index * per_layer:(index + 1) * per_layer]]
                 y, *last = self._run_layer(layer_input, weights, [s[index] for s in states],
-                                           batch_sizes, direction == 1)
+                                           lengths, direction == 1, recurrence)
                 outputs.append(y)
                 for kept, state in zip(finals, last):
                     kept.append(state)
@@ -303,12 +371,16 @@ class LSTM(_RNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
-    def _run_layer(self, layer_input, weights, states, batch_sizes, reverse):
+    check_forward_args = nn.LSTM.check_forward_args
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence):
         weight_ih, weight_hh, *rest = weights
         bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
         weight_hr = rest[-1] if self.proj_size > 0 else None
-        return functional.lstm_layer(layer_input, weight_ih, weight_hh, bias_ih, bias_hh,
-                                     weight_hr, states[0], states[1], batch_sizes, reverse)
+        return lstm_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
+                               states[0], states[1], lengths, reverse, recurrence)
 
 
 class GRU(_RNNBase):
@@ -340,11 +412,11 @@ class GRU(_RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
-    def _run_layer(self, layer_input, weights, states, batch_sizes, reverse):
+    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence):
         weight_ih, weight_hh, *rest = weights
         bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
-        return functional.gru_layer(layer_input, weight_ih, weight_hh, bias_ih, bias_hh,
-                                    states[0], batch_sizes, reverse, self.reset_after)
+        return gru_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh), states[0],
+                              lengths, reverse, self.reset_after, recurrence)
 
 
 class _CellBase(nn.Module):
@@ -379,6 +451,14 @@ class _CellBase(nn.Module):
         if self.bias is not True:
             s += ", bias={bias}"
         return s.format(**self.__dict__)
+
+    def _implementation(self, input) -> backends.Implementation:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
+        batch = input.shape[0] if input.dim() == 2 else 1
+        return backends.select(backends.Case(
+            self.mode, input.device.type, _run_dtype(input, autocast_covers_cpu=False),
+            self.hidden_size, batch, 0, getattr(self, "reset_after", True)))
 
     def _weights(self, dtype: torch.dtype) -> list:
         """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""
@@ -445,9 +525,13 @@ class LSTMCell(_CellBase):
 
     def forward(self, input: torch.Tensor,
                 hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        implementation = self._implementation(input)
+        if implementation.module_forward is not None:
+            return implementation.module_forward(self, input, hx)
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
         with _autocast_off(x.device):
-            _, h, c = functional.lstm_layer(x.unsqueeze(0), *self._weights(x.dtype), None, h0, c0)
+            _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0, c0,
+                                      None, False, implementation.recurrence)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -464,8 +548,11 @@ class GRUCell(_CellBase):
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
+        implementation = self._implementation(input)
+        if implementation.module_forward is not None:
+            return implementation.module_forward(self, input, hx)
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
         with _autocast_off(x.device):
-            _, h = functional.gru_layer(x.unsqueeze(0), *self._weights(x.dtype), h0,
-                                        reset_after=self.reset_after)
+            _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
+                                  self.reset_after, implementation.recurrence)
         return h if batched else h.squeeze(0)

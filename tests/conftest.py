@@ -10,3 +10,15 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["reference", "native"])
+def backend(request):
+    """Runs a test on every implementation that takes CPU cases of torch.nn's function."""
+    import lstmgru
+
+    with lstmgru.use_backend(request.param):
+        yield request.param

@@ -29,7 +29,7 @@ def _run_cell(cell, x, hx):
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("give_hx", [True, False])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_cell_parity(op, bias, batched, give_hx, dtype, atol):
+def test_cell_parity(op, bias, batched, give_hx, dtype, atol, backend):
     torch.manual_seed(21)
     ref = getattr(torch.nn, op)(5, 7, bias=bias, dtype=dtype)
     ours = getattr(lstmgru, op)(5, 7, bias=bias, dtype=dtype)

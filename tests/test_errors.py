@@ -1,10 +1,32 @@
 """Bad input: the same exception type as torch.nn, and a message that names what was
-expected and what was given. No low-level error (``mat1 and mat2 shapes ...``) leaks."""
+expected and what was given. No low-level error (``mat1 and mat2 shapes ...``) leaks.
+
+These run on the reference backend, whose checks are ours. On "native" (what auto picks on
+the CPU wherever torch computes the same function) the call IS torch.nn's forward, so its
+errors are torch's own: ``test_native_errors_are_torchs`` holds that.
+"""
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmgru
+
+
+@pytest.fixture(autouse=True)
+def _our_checks():
+    with lstmgru.use_backend("reference"):
+        yield
+
+
+@pytest.mark.parametrize("op,hx", [("LSTM", (torch.randn(1, 2, 6), torch.randn(2, 2, 6))),
+                                   ("GRU", torch.randn(1, 3, 6))])
+def test_native_errors_are_torchs(op, hx):
+    ours, theirs = getattr(lstmgru, op)(3, 6, num_layers=2), getattr(torch.nn, op)(3, 6, num_layers=2)
+    with pytest.raises(RuntimeError) as expected:
+        theirs(torch.randn(4, 2, 3), hx)
+    with lstmgru.use_backend("native"), pytest.raises(RuntimeError) as got:
+        ours(torch.randn(4, 2, 3), hx)
+    assert str(got.value) == str(expected.value)
 
 LOW_LEVEL = ("mat1", "mat2", "size of tensor", "mkldnn", "must match the size")
 

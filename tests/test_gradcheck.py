@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import lstmgru
-from lstmgru import reference
+from lstmgru._sequence import Lengths
+from lstmgru.cells.gru import reference as gru_reference
+from lstmgru.cells.lstm import reference as lstm_reference
 
 F64 = torch.float64
 
@@ -20,7 +22,8 @@ def test_lstm_recurrence(batch_sizes, reverse, proj):
             torch.randn(B, H, dtype=F64), torch.randn(4 * H, P, dtype=F64),
             torch.randn(P, H, dtype=F64) if proj else None]
     args = [a.requires_grad_() if a is not None else None for a in args]
-    fn = lambda *a: reference.lstm_recurrence(*a, batch_sizes=batch_sizes, reverse=reverse)  # noqa: E731
+    lengths = None if batch_sizes is None else Lengths.from_batch_sizes(batch_sizes, B, "cpu")
+    fn = lambda *a: lstm_reference.lstm_recurrence(*a, lengths=lengths, reverse=reverse)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
 
 
@@ -33,8 +36,9 @@ def test_gru_recurrence(batch_sizes, reverse, reset_after):
     args = [torch.randn(T, B, 3 * H, dtype=F64), torch.randn(B, H, dtype=F64),
             torch.randn(3 * H, H, dtype=F64), torch.randn(H, dtype=F64) if reset_after else None]
     args = [a.requires_grad_() if a is not None else None for a in args]
-    fn = lambda *a: reference.gru_recurrence(*a, batch_sizes=batch_sizes, reverse=reverse,  # noqa: E731
-                                             reset_after=reset_after)
+    lengths = None if batch_sizes is None else Lengths.from_batch_sizes(batch_sizes, B, "cpu")
+    fn = lambda *a: gru_reference.gru_recurrence(*a, lengths=lengths, reverse=reverse,  # noqa: E731
+                                                 reset_after=reset_after)
     assert torch.autograd.gradcheck(fn, args)
 
 

@@ -11,7 +11,7 @@ from test_parity import build_pair, random_hx
 @pytest.mark.parametrize("bidir", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("give_hx", [False, True])
-def test_packed(op, proj, bidir, enforce_sorted, give_hx):
+def test_packed(op, proj, bidir, enforce_sorted, give_hx, backend):
     torch.manual_seed(11)
     kwargs = dict(num_layers=2, bidirectional=bidir)
     if proj:
@@ -42,7 +42,7 @@ def test_packed_batch_first_and_equal_lengths(op):
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_packed_fp32(op):
+def test_packed_fp32(op, backend):
     torch.manual_seed(13)
     ours, ref = build_pair(op, 6, 9, torch.float32, num_layers=2, bidirectional=True)
     lengths = [9, 1, 4, 8, 3, 3]

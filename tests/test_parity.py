@@ -47,7 +47,7 @@ def random_hx(op, layers, directions, batch, hidden, proj, dtype, batched=True):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("op,layers,bidir,batch_first,bias,proj,give_hx", _configs())
-def test_random_config(op, layers, bidir, batch_first, bias, proj, give_hx, dtype):
+def test_random_config(op, layers, bidir, batch_first, bias, proj, give_hx, dtype, backend):
     torch.manual_seed(zlib.crc32(repr((op, layers, bidir, batch_first, bias, proj, give_hx)).encode()))
     input_size, hidden = random.Random(repr((op, bidir, batch_first, bias, proj))).choice(
         [(3, 5), (7, 4), (1, 6), (2, 9)])
@@ -63,7 +63,7 @@ def test_random_config(op, layers, bidir, batch_first, bias, proj, give_hx, dtyp
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 @pytest.mark.parametrize("T,B,I,H", [(1, 1, 1, 1), (10, 32, 1, 50), (17, 2, 9, 33)])
-def test_shapes(op, T, B, I, H):
+def test_shapes(op, T, B, I, H, backend):
     torch.manual_seed(T * 1000 + H)
     ours, ref = build_pair(op, I, H, torch.float64)
     x = torch.randn(T, B, I, dtype=torch.float64)
@@ -71,7 +71,7 @@ def test_shapes(op, T, B, I, H):
 
 
 @pytest.mark.parametrize("op,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0)])
-def test_unbatched(op, proj):
+def test_unbatched(op, proj, backend):
     torch.manual_seed(7)
     kwargs = dict(num_layers=2, bidirectional=True, proj_size=proj) if proj else \
         dict(num_layers=2, bidirectional=True)
@@ -182,8 +182,9 @@ def test_no_grad_matches_grad_mode(op, packed):
         assert torch.equal(a, b.detach())
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_autocast_like_torch(op):
+def test_autocast_like_torch(op, backend):
     """Under CPU autocast torch.nn runs the LSTM in the autocast dtype and the GRU in the
     input's dtype (its CPU autocast list has the LSTM only); ours does the same."""
     torch.manual_seed(23)
@@ -191,8 +192,14 @@ def test_autocast_like_torch(op):
     x = torch.randn(5, 2, 3)
     for inp in (x, x.bfloat16()):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _ = ours(inp)
-            y_ref, _ = ref(inp)
+            try:
+                y_ref, _ = ref(inp)
+            except RuntimeError as error:
+                # oneDNN's bf16 LSTM needs AVX-512 ("could not create a primitive
+                # descriptor" on AVX2-only CPUs): nothing to compare against here.
+                pytest.skip(f"torch.nn's own {op} fails on this machine: {error}")
+            with lstmgru.use_backend(backend):
+                y, _ = ours(inp)
         assert y.dtype == y_ref.dtype
         expected = torch.bfloat16 if op == "LSTM" or inp.dtype == torch.bfloat16 else torch.float32
         assert y.dtype == expected

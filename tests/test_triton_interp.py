@@ -160,7 +160,8 @@ def test_autocast_runs_the_kernels():
 
 def test_opcheck():
     """torch.library's own checks of schema, fake (meta) implementation and autograd."""
-    from lstmgru import _ops  # noqa: F401  (registers the lstmgru:: ops)
+    from lstmgru.cells.gru import triton_glue as _gru_ops  # noqa: F401  (registers the ops)
+    from lstmgru.cells.lstm import triton_glue as _lstm_ops  # noqa: F401
 
     torch.manual_seed(9)
     T, B, H = 3, 2, 16
@@ -181,7 +182,8 @@ def test_opcheck():
 def test_custom_ops_compile_without_graph_break(op):
     """fullgraph=True fails on any graph break: the custom ops (fake impls and autograd
     registered with torch.library) must be traceable. aot_eager: no C++ compiler needed."""
-    from lstmgru import _ops
+    from lstmgru.cells.gru import triton_glue as gru_ops
+    from lstmgru.cells.lstm import triton_glue as lstm_ops
 
     torch.manual_seed(10)
     T, B, H = 3, 2, 16
@@ -192,9 +194,9 @@ def test_custom_ops_compile_without_graph_break(op):
 
     def loss(gx, w):
         if op == "lstm":
-            y, h, _ = _ops.lstm_recurrence(gx, h0, c0, w)
+            y, h, _ = lstm_ops.lstm_recurrence(gx, h0, c0, w)
         else:
-            y, h = _ops.gru_recurrence(gx, h0, w, reset_after=False)
+            y, h = gru_ops.gru_recurrence(gx, h0, w, reset_after=False)
         return (y * y).sum() + h.sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")

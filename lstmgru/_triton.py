@@ -1,0 +1,43 @@
+"""Whether the Triton kernels can run at all here, asked without importing triton."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors when ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _missing() -> Optional[str]:
+    # Asked once: find_spec searches the file system, which would cost more than a small
+    # forward pass on every call.
+    if importlib.util.find_spec("triton") is None:
+        return ("the triton package is not installed (pip install 'lstmgru[triton]'; CUDA "
+                "builds of torch bring it)")
+    if importlib.util.find_spec("lstmgru._kernels") is None:
+        # kernels/ becomes lstmgru._kernels only when the package is installed.
+        return "the kernels are not installed: install the package (pip install -e .)"
+    return None
+
+
+def unavailable_reason(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why no Triton kernel can run on tensors of this device type and dtype, or None."""
+    missing = _missing()
+    if missing is not None:
+        return missing
+    if device_type == "cpu" and not interpreter_enabled():
+        return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    if device_type not in ("cuda", "cpu"):
+        return f"tensors are on {device_type}, and the Triton kernels run on CUDA only"
+    if dtype not in KERNEL_DTYPES:
+        return f"the kernels support float32, float16 and bfloat16, not {dtype}"
+    return None

@@ -1,0 +1,70 @@
+"""The GRU cell, both forms: one layer-direction, and the registration of its implementations.
+
+Gates r, z, n are stacked in ``weight_ih`` (3H, I) and ``weight_hh`` (3H, H)::
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))     reset_after=True (torch.nn, cuDNN)
+    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)     reset_after=False (the original GRU)
+    h' = (1 - z) * n + z * h
+
+``spec.gru_spec`` is that, as code.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import _triton, backends
+from ..._sequence import Lengths, input_projection
+from . import native, reference
+
+
+def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths],
+          reverse: bool, reset_after: bool, recurrence):
+    """One layer-direction over x (T, B, I) -> y (T, B, H), h_n (B, H).
+
+    ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh), biases None without ``bias``. The
+    biases that enter additively join the input projection (ONE GEMM over all steps): b_hr,
+    b_hz, and b_hn too when ``reset_after=False``. With ``reset_after=True`` b_hn sits inside
+    ``r * (W_hn h + b_hn)`` and stays with the recurrence.
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    bias = bias_hn = None
+    if bias_ih is not None:
+        H = weight_hh.shape[1]
+        if reset_after:
+            bias = torch.cat([bias_ih[:2 * H] + bias_hh[:2 * H], bias_ih[2 * H:]])
+            bias_hn = bias_hh[2 * H:]
+        else:
+            bias = bias_ih + bias_hh
+    gates_x = input_projection(x, weight_ih, bias)
+    return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
+
+
+def _triton_supports(case: backends.Case) -> Optional[str]:
+    reason = _triton.unavailable_reason(case.device_type, case.dtype)
+    if reason is not None:
+        return reason
+    if case.variants:
+        return f"the kernels do not implement {', '.join(case.variants)} yet"
+    return None
+
+
+def _triton_recurrence(*args):
+    from . import triton_glue  # imports triton: only when a kernel runs
+
+    return triton_glue.gru_recurrence(*args)
+
+
+def _reference_supports(case: backends.Case) -> Optional[str]:
+    return None
+
+
+for _cell, _native_forward in (("GRU", native.module_forward), ("GRUCell", native.cell_forward)):
+    backends.register(_cell, backends.Implementation(
+        "native", native.supports, module_forward=_native_forward))
+    backends.register(_cell, backends.Implementation(
+        "reference", _reference_supports, recurrence=reference.gru_recurrence))
+    backends.register(_cell, backends.Implementation(
+        "triton", _triton_supports, recurrence=_triton_recurrence))

@@ -1,0 +1,212 @@
+"""The GRU recurrence in plain PyTorch, fast, in both forms: ``reset_after=True`` (torch.nn,
+cuDNN) and ``reset_after=False`` (the original GRU, which torch cannot compute and which runs
+here or in the kernels).
+
+Structure as in ``lstmgru/cells/lstm/reference.py``: the caller projects the input for all
+steps; this is the sequential part as an ``autograd.Function`` with an explicit backward whose
+per-step work is a few in-place ops, and the ``W_hh`` gradient is one GEMM over all steps.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
+                          prefix_rows, previous_states, recurrent_weight_grad, step_order,
+                          step_views, storage)
+
+# --------------------------------------------------------------------------------------
+def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
+    T, B, G = gates_x.shape
+    H = G // 3
+    packed = lengths is not None
+    y = storage(gates_x, T, B, H, packed)
+    act = storage(gates_x, T if save else 1, B, G, packed)        # r, z, n after activation
+    # What the backward needs besides the activations: with reset_after the recurrent
+    # products h W_hh^T (+ b_hn) (dr needs their n block); without it r * h_{t-1} (the
+    # right operand of the n-block weight gradient).
+    recurrent = storage(gates_x, T if save else 1, B, G if reset_after else H, packed)
+    w_hh_t = weight_hh.detach().t()       # detached: see _lstm_forward
+    w_rz_t, w_n_t = w_hh_t[:, :2 * H], w_hh_t[:, 2 * H:]
+    bias_h = None
+    if reset_after and bias_hn is not None:
+        bias_h = torch.cat([bias_hn.new_zeros(2 * H), bias_hn])
+    per_step = list(zip(
+        gates_x[..., :2 * H].unbind(0), gates_x[..., 2 * H:].unbind(0),
+        step_views(act[..., :2 * H], T), step_views(act[..., :H], T), step_views(act[..., H:2 * H], T),
+        step_views(act[..., 2 * H:], T), step_views(recurrent, T),
+        step_views(recurrent[..., :2 * H], T) if reset_after else [None] * T,
+        step_views(recurrent[..., 2 * H:], T) if reset_after else [None] * T,
+        y.unbind(0)))
+    h_carry = StateCarry(h0)
+    h_prev = h0
+    for t in step_order(T, reverse):
+        gx_rz, gx_n, rz, r, z, cand, rec, rec_rz, rec_n, out = per_step[t]
+        if packed:
+            n = lengths.batch_sizes[t]
+            h_prev = h_carry.take(n)
+            if n != B:
+                gx_rz, gx_n, rz, r, z, cand, rec, out = prefix_rows(
+                    (gx_rz, gx_n, rz, r, z, cand, rec, out), n)
+                if reset_after:
+                    rec_rz, rec_n = rec_rz[:n], rec_n[:n]
+        if reset_after:
+            if bias_h is None:
+                torch.mm(h_prev, w_hh_t, out=rec)
+            else:
+                torch.addmm(bias_h, h_prev, w_hh_t, out=rec)
+            torch.add(gx_rz, rec_rz, out=rz).sigmoid_()
+            torch.addcmul(gx_n, r, rec_n, out=cand).tanh_()
+        else:
+            torch.addmm(gx_rz, h_prev, w_rz_t, out=rz).sigmoid_()
+            torch.mul(r, h_prev, out=rec)
+            torch.addmm(gx_n, rec, w_n_t, out=cand).tanh_()
+        # h_t = (1 - z) * n + z * h_{t-1} = lerp(n, h_{t-1}, z)
+        torch.lerp(cand, h_prev, z, out=out)
+        h_prev = out
+        if packed:
+            h_carry.put(out)
+    return y, (h_carry.finish() if packed else h_prev), act, recurrent
+
+
+def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, lengths,
+                  reverse, reset_after):
+    T, B, G = act.shape
+    H = G // 3
+    packed = lengths is not None
+    per_row = None if lengths is None else lengths.per_row
+    r, z, cand = act[..., :H], act[..., H:2 * H], act[..., 2 * H:]
+    h_prev = previous_states(y, h0, per_row, reverse)
+    # Factors of the gate gradients per unit of d h_t, for all steps at once.
+    dcand_pre = (1 - z) * (1 - cand * cand)              # d n_pre / d h_t
+    dz_pre = (h_prev - cand) * z * (1 - z)               # d z_pre / d h_t
+    grad_out = fold_final_grad(grad_y, grad_h_n, y, lengths, reverse)
+    grad_h = storage(act, T, B, H, packed)
+    grad_gates = act.new_zeros(T, B, G)
+    w_rz, w_n = weight_hh[:2 * H], weight_hh[2 * H:]
+    if reset_after:
+        # n_pre = gx_n + r * gh_n, so d gh = d h_t * [dr_pre, dz_pre, dn_pre * r]: every
+        # gradient of the recurrent products is d h_t times a known factor.
+        dr_pre = dcand_pre * recurrent[..., 2 * H:] * r * (1 - r)
+        factors = torch.stack([dr_pre, dz_pre, dcand_pre * r], dim=2)      # (T, B, 3, H)
+        del dr_pre
+        grad_rec = act.new_zeros(T, B, G)
+        targets = grad_rec.view(T, B, 3, H)
+    else:
+        # n_pre = gx_n + (r * h) W_hn^T: d r_pre = (d n_pre W_hn) * h * r (1 - r)
+        dr_pre_per_drh = h_prev * r * (1 - r)
+        factors = torch.stack([dz_pre, dcand_pre], dim=2)                  # (T, B, 2, H)
+        grad_rec = grad_gates                  # all biases are folded: the same gradients
+        targets = grad_gates[..., H:].view(T, B, 2, H)
+        grad_rh = storage(act, T, B, H, packed)
+    del dz_pre
+    per_step = list(zip(
+        grad_out.unbind(0), grad_h.unbind(0), grad_h.unsqueeze(2).unbind(0), z.unbind(0),
+        factors.unbind(0),
+        targets.unbind(0), grad_rec.unbind(0), grad_rec[..., :2 * H].unbind(0),
+        r.unbind(0),
+        grad_rh.unbind(0) if not reset_after else [None] * T,
+        grad_gates[..., :H].unbind(0) if not reset_after else [None] * T,
+        grad_gates[..., 2 * H:].unbind(0),
+        dr_pre_per_drh.unbind(0) if not reset_after else [None] * T))
+    rows_before, before = 0, None
+    for t in step_order(T, not reverse):
+        go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, d_rh, dg_r, dg_n, k_r = per_step[t]
+        n = B
+        if packed:
+            n = lengths.batch_sizes[t]
+            if n != B:
+                go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n = prefix_rows(
+                    (go, dh, dh_col, z_t, k, target, g_rec, g_rec_rz, r_t, dg_n), n)
+                if not reset_after:
+                    d_rh, dg_r, k_r = d_rh[:n], dg_r[:n], k_r[:n]
+        # d h_t = d out_t + what step t+1 sent back to h_t: through its recurrent products
+        # and through z * h_t (and r * h_t without reset_after).
+        if before is None:
+            dh.copy_(go)
+        else:
+            dh_b, z_b, g_rec_b, g_rec_rz_b, r_b, d_rh_b = before
+            m = min(n, rows_before)
+            if m == n == rows_before:
+                mm_into = dh
+                if reset_after:
+                    torch.addmm(go, g_rec_b, weight_hh, out=dh)
+                else:
+                    torch.addmm(go, g_rec_rz_b, w_rz, out=dh)
+            else:
+                dh.copy_(go)
+                mm_into = dh[:m]
+                if reset_after:
+                    mm_into.addmm_(g_rec_b[:m], weight_hh)
+                else:
+                    mm_into.addmm_(g_rec_rz_b[:m], w_rz)
+            if not reset_after:
+                mm_into.addcmul_(d_rh_b[:m], r_b[:m])
+            mm_into.addcmul_(dh_b[:m], z_b[:m])
+        torch.mul(k, dh_col, out=target)
+        if not reset_after:
+            torch.mm(dg_n, w_n, out=d_rh)
+            torch.mul(d_rh, k_r, out=dg_r)
+        rows_before, before = n, (dh, z_t, g_rec, g_rec_rz, r_t, d_rh)
+
+    first = lambda seq: first_step_rows(seq, lengths, reverse)  # noqa: E731
+    grad_h0 = first(grad_h * z)
+    if reset_after:
+        grad_gates.copy_(grad_rec)
+        grad_gates[..., 2 * H:] = grad_h * dcand_pre
+        grad_weight_hh = recurrent_weight_grad(grad_rec, h_prev)
+        grad_bias_hn = grad_rec[..., 2 * H:].sum((0, 1)) if bias_hn is not None else None
+        grad_h0 += first(grad_rec).mm(weight_hh)
+    else:
+        grad_weight_hh = recurrent_weight_grad(grad_gates, h_prev, n_block_operand=recurrent)
+        grad_bias_hn = None
+        grad_h0 += first(grad_gates[..., :2 * H]).mm(w_rz)
+        grad_h0 += first(grad_rh * r)
+    return grad_gates, grad_h0, grad_weight_hh, grad_bias_hn
+
+
+class _GRURecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
+        y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths,
+                                              reverse, reset_after, save)
+        if save:
+            ctx.save_for_backward(act, recurrent, y, h0, weight_hh, bias_hn)
+            ctx.lengths, ctx.reverse, ctx.reset_after = lengths, reverse, reset_after
+        return y, h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_h_n):
+        act, recurrent, y, h0, weight_hh, bias_hn = ctx.saved_tensors
+        grad_gates, grad_h0, grad_w_hh, grad_b_hn = _gru_backward(
+            grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, ctx.lengths,
+            ctx.reverse, ctx.reset_after)
+        return grad_gates, grad_h0, grad_w_hh, grad_b_hn, None, None, None, None
+
+
+def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
+                   bias_hn: Optional[torch.Tensor] = None, lengths: Optional[Lengths] = None,
+                   reverse: bool = False, reset_after: bool = True):
+    """One GRU layer-direction over all steps.
+
+    Args:
+        gates_x: (T, B, 3H) ``x @ W_ih^T + b_ih`` plus every recurrent bias that can be
+            folded: ``b_hr, b_hz`` (and ``b_hn`` too when ``reset_after=False``). Gates r, z, n.
+        h0: (B, H). weight_hh: (3H, H).
+        bias_hn: (H,) or None; only with ``reset_after``, where it sits inside ``r * (...)``.
+
+    Equations (per step t, in processing order)::
+
+        r, z = sigmoid(gates_x[t, r|z] + h @ W_h{r,z}^T)
+        n = tanh(gates_x[t, n] + r * (h @ W_hn^T + b_hn))      reset_after=True (torch.nn)
+        n = tanh(gates_x[t, n] + (r * h) @ W_hn^T)             reset_after=False (original)
+        h = (1 - z) * n + z * h
+
+    Returns:
+        y (T, B, H) with zeros where a row is inactive, h_n (B, H).
+    """
+    save = needs_grad(gates_x, h0, weight_hh, bias_hn)
+    return _GRURecurrence.apply(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
+                                reset_after, save)

@@ -1,0 +1,197 @@
+"""The LSTM recurrence in plain PyTorch, fast: the CPU path for what torch cannot compute, and
+the path every device can run.
+
+One call runs one layer in one direction over all steps. The input projection is done by the
+caller for every step at once (``gates_x``); what stays is the sequential part,
+``h_{t-1} @ W_hh^T`` plus the gate math, as an ``autograd.Function`` with an explicit backward:
+
+* the forward saves the gate activations, the cell states and tanh of them, nothing else;
+* the backward is a reverse loop producing the gradient of every gate pre-activation at every
+  step; what does not depend on the recurrence (products of saved activations) is computed for
+  all steps at once before the loop, so each step is a handful of in-place ops;
+* the gradients of ``W_hh`` and ``W_hr`` are each ONE matrix product over all steps.
+
+``spec.py`` beside this file is the same function written as the equations; the tests hold the
+two against each other and against torch.nn. ``lengths`` (packed input): see
+``lstmgru._sequence.Lengths``; inactive rows keep their state and output zeros, and with
+``reverse`` a row starts at its own last step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
+                          prefix_rows, previous_states, recurrent_weight_grad, step_order,
+                          step_views, storage)
+
+# --------------------------------------------------------------------------------------
+def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save):
+    T, B, G = gates_x.shape
+    H = G // 4
+    P = h0.shape[1]
+    packed = lengths is not None
+    y = storage(gates_x, T, B, P, packed)
+    act = storage(gates_x, T if save else 1, B, G, packed)      # i, f, g, o after activation
+    cells = storage(gates_x, T if save else 2, B, H, packed)    # c_t (a ring of 2 suffices)
+    # tanh(c_t) is kept for backward: recomputing it costs a full pass of CPU tanh, which is
+    # several times slower than sigmoid.
+    tanh_cells = storage(gates_x, T if save else 1, B, H, packed)
+    pre = gates_x.new_empty(B, G)
+    pre_g = pre[:, 2 * H:3 * H]
+    hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
+    per_step = list(zip(
+        gates_x.unbind(0), step_views(act, T), step_views(act[..., :H], T), step_views(act[..., H:2 * H], T),
+        step_views(act[..., 2 * H:3 * H], T), step_views(act[..., 3 * H:], T), step_views(cells, T),
+        step_views(tanh_cells, T), y.unbind(0)))
+    # Detached: out= ops on tensors that require grad take a slower path, even under no_grad.
+    w_hh_t = weight_hh.detach().t()
+    w_hr_t = weight_hr.detach().t() if weight_hr is not None else None
+    h_carry, c_carry = StateCarry(h0), StateCarry(c0)
+    h_prev, c_prev = h0, c0
+    for t in step_order(T, reverse):
+        gx, a, i, f, g, o, c, tc, out = per_step[t]
+        p, p_g, hid = pre, pre_g, hidden
+        if packed:
+            n = lengths.batch_sizes[t]
+            h_prev, c_prev = h_carry.take(n), c_carry.take(n)
+            if n != B:
+                gx, a, i, f, g, o, c, out, p, p_g, tc, hid = prefix_rows(
+                    (gx, a, i, f, g, o, c, out, p, p_g, tc, hid), n)
+        torch.addmm(gx, h_prev, w_hh_t, out=p)
+        torch.sigmoid(p, out=a)
+        torch.tanh(p_g, out=g)
+        torch.mul(f, c_prev, out=c)
+        c.addcmul_(i, g)
+        torch.tanh(c, out=tc)
+        if w_hr_t is None:
+            torch.mul(o, tc, out=out)
+        else:
+            torch.mul(o, tc, out=hid)
+            torch.mm(hid, w_hr_t, out=out)
+        h_prev, c_prev = out, c
+        if packed:
+            h_carry.put(out)
+            c_carry.put(c)
+    if packed:
+        return y, h_carry.finish(), c_carry.finish(), act, cells, tanh_cells
+    return y, h_prev, c_prev, act, cells, tanh_cells
+
+
+def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, weight_hh,
+                   weight_hr, lengths, reverse):
+    T, B, G = act.shape
+    H = G // 4
+    P = y.shape[2]
+    packed = lengths is not None
+    per_row = None if lengths is None else lengths.per_row
+    i, f, g, o = act[..., :H], act[..., H:2 * H], act[..., 2 * H:3 * H], act[..., 3 * H:]
+    c_prev = previous_states(cells, c0, per_row, reverse)
+    # Everything that does not depend on the recurrent gradient, for all steps at once:
+    #   d c_t          = d c_{t+1} * f_{t+1} + d hidden_t * o_t * (1 - tanh(c_t)^2)
+    #   d pre_{i,f,g}  = d c_t * [g i(1-i), c_{t-1} f(1-f), i (1-g^2)]
+    #   d pre_o        = d hidden_t * tanh(c_t) o(1-o)
+    # where hidden_t = o * tanh(c_t) is h_t before the projection (h_t itself without one).
+    dc_per_dhidden = o * (1 - tanh_c * tanh_c)
+    dpre_ifg_per_dc = torch.stack(
+        [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)   # (T, B, 3, H)
+    dpre_o_per_dhidden = tanh_c * o * (1 - o)
+    del c_prev
+    hidden = o * tanh_c if weight_hr is not None else None
+
+    grad_out = fold_final_grad(grad_y, grad_h_n, y, lengths, reverse)
+    grad_gates = act.new_zeros(T, B, G)
+    # d h_t of every step is kept only for the projection's weight gradient.
+    grad_h = storage(act, T if weight_hr is not None else 1, B, P, packed)
+    # d c flowing back through the forget gate. Rows that have not started yet (in backward
+    # order) hold the gradient of their final cell state; rows that are done hold d c_0.
+    dc_carry = grad_c_n.clone() if grad_c_n is not None else act.new_zeros(B, H)
+    dc = act.new_empty(B, H)
+    dc_column = dc.unsqueeze(1)                       # broadcast over the i, f, g gates
+    d_hidden = act.new_empty(B, H)
+    per_step = list(zip(
+        grad_out.unbind(0), step_views(grad_h, T), dc_per_dhidden.unbind(0),
+        dpre_ifg_per_dc.unbind(0), dpre_o_per_dhidden.unbind(0), f.unbind(0),
+        grad_gates.unbind(0), grad_gates[..., :3 * H].view(T, B, 3, H).unbind(0),
+        grad_gates[..., 3 * H:].unbind(0)))
+    rows_before, dg_before = 0, None
+    for t in step_order(T, not reverse):
+        go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o = per_step[t]
+        dcc, dct, dc_col, dhid = dc_carry, dc, dc_column, d_hidden
+        n = B
+        if packed:
+            n = lengths.batch_sizes[t]
+            if n != B:
+                go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid = prefix_rows(
+                    (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid), n)
+        # d h_t = d out_t + d gates_{t+1} @ W_hh (rows that ran at t+1)
+        if dg_before is not None and n <= rows_before:
+            torch.addmm(go, dg_before[:n] if n != rows_before else dg_before, weight_hh, out=dh)
+        else:
+            dh.copy_(go)
+            if dg_before is not None:
+                dh[:rows_before].addmm_(dg_before, weight_hh)
+        if weight_hr is None:
+            dhid = dh
+        else:
+            torch.mm(dh, weight_hr, out=dhid)
+        torch.addcmul(dcc, dhid, k_c, out=dct)
+        torch.mul(k_ifg, dc_col, out=dg_ifg)
+        torch.mul(k_o, dhid, out=dg_o)
+        torch.mul(dct, f_t, out=dcc)
+        rows_before, dg_before = n, dg
+
+    grad_weight_hh = recurrent_weight_grad(grad_gates, previous_states(y, h0, per_row, reverse))
+    grad_h0 = first_step_rows(grad_gates, lengths, reverse).mm(weight_hh)
+    grad_weight_hr = None
+    if weight_hr is not None:
+        grad_weight_hr = grad_h.reshape(-1, P).t().mm(hidden.reshape(-1, H))
+    return grad_gates, grad_h0, dc_carry, grad_weight_hh, grad_weight_hr
+
+
+class _LSTMRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save):
+        y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
+                                                            lengths, reverse, save)
+        if save:
+            ctx.save_for_backward(act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr)
+            ctx.lengths, ctx.reverse = lengths, reverse
+        return y, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_h_n, grad_c_n):
+        act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr = ctx.saved_tensors
+        grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_backward(
+            grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
+            ctx.lengths, ctx.reverse)
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None, None
+
+
+def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                    weight_hh: torch.Tensor, weight_hr: Optional[torch.Tensor] = None,
+                    lengths: Optional[Lengths] = None, reverse: bool = False):
+    """One LSTM layer-direction over all steps.
+
+    Args:
+        gates_x: (T, B, 4H) ``x @ W_ih^T + b_ih + b_hh`` for every step, gates i, f, g, o.
+        h0: (B, P); c0: (B, H).
+        weight_hh: (4H, P). weight_hr: (P, H) or None (no projection).
+        lengths, reverse: see the module docstring.
+
+    Equations (per step t, in processing order)::
+
+        i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of  gates_x[t] + h @ weight_hh^T
+        c = f * c + i * g
+        h = o * tanh(c)            (then h = h @ weight_hr^T with a projection)
+
+    Returns:
+        y (T, B, P) with zeros where a row is inactive, h_n (B, P), c_n (B, H).
+    """
+    save = needs_grad(gates_x, h0, c0, weight_hh, weight_hr)
+    return _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse,
+                                 save)
+
+
