@@ -77,10 +77,10 @@ PRESETS = {
         ],
         "budget": 2.0, "total_budget": 45.0,
     },
-    # CPU parity grid: 3 x 3 x 4 shapes + seed case, x 2 ops x 2 modes = 148 configs, ~10 min.
+    # CPU grid: 3 x 3 x 4 shapes + seed case, x 3 ops x 2 modes = 222 configs, ~12 min.
     "cpu": {
         "axes": {
-            "op": ["lstm", "gru"], "mode": ["inference", "training"], "dtype": ["float32"],
+            "op": ["lstm", "gru", "gru_original"], "mode": ["inference", "training"], "dtype": ["float32"],
             "batch": [1, 8, 64], "seq_len": [10, 50, 200],
             "sizes": [(1, 50), (32, 64), (128, 128), (256, 256)],
             "num_layers": [1], "bidirectional": [False],
@@ -89,7 +89,7 @@ PRESETS = {
             {"batch": 32, "seq_len": 10, "input_size": 1, "hidden_size": 50, "num_layers": 1,
              "bidirectional": False},
         ],
-        "budget": 5.0, "total_budget": 540.0,
+        "budget": 5.0, "total_budget": 720.0,
     },
     # GPU grid: 2 ops x 4 B x 4 H x 3 dtypes x 2 modes = 192 configs at T=512. dtype is the
     # outer loop (bf16 first) so that a deadline cuts fp32 before the low-precision headline cases.
@@ -407,7 +407,10 @@ def _make_pair(lstmgru, c: dict, device: torch.device, dtype: torch.dtype, seed:
     kw = dict(input_size=c["input_size"], hidden_size=c["hidden_size"],
               num_layers=c["num_layers"], bidirectional=c["bidirectional"])
     ref = ref_cls(**kw).to(device=device, dtype=dtype)
-    ours = ours_cls(**kw).to(device=device, dtype=dtype)
+    # gru_original: our original GRU (reset_after=False, which torch cannot compute) against
+    # torch's GRU of the same size: what the original form costs a user, not a parity check.
+    ours_kw = dict(kw, reset_after=False) if c["op"] == "gru_original" else kw
+    ours = ours_cls(**ours_kw).to(device=device, dtype=dtype)
     ours.load_state_dict(ref.state_dict())  # same weights, by name
     return ours, ref
 
@@ -681,7 +684,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="named grid; the grid flags below replace its axes")
     g = p.add_argument_group("grid (each flag takes a list and replaces the preset's axis)")
-    g.add_argument("--op", nargs="+", choices=["lstm", "gru"])
+    g.add_argument("--op", nargs="+", choices=["lstm", "gru", "gru_original"],
+                   help="gru_original: lstmgru.GRU(reset_after=False) against torch's GRU")
     g.add_argument("--mode", nargs="+", choices=["inference", "training"])
     g.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="half types run on CUDA only")
     g.add_argument("--batch", nargs="+", type=_positive_int)
@@ -699,7 +703,7 @@ def parse_args(argv=None):
                    help="seconds of timed rounds per config (preset default: default 2, cpu 5, gpu 2)")
     t.add_argument("--total-budget", type=float, default=None,
                    help="soft target for the whole run in seconds: the per-config budget shrinks "
-                        "to (time left / configs left) (preset default: default 45, cpu 540, gpu none)")
+                        "to (time left / configs left) (preset default: default 45, cpu 720, gpu none)")
     t.add_argument("--deadline", type=float, default=None,
                    help="hard limit in seconds: configs not started by then are skipped and listed "
                         "in meta.skipped")

@@ -73,22 +73,26 @@ class Implementation:
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
+_NAMES: Tuple[str, ...] = ("auto",)
 
 
 def register(cell: str, implementation: Implementation) -> None:
+    global _NAMES
     if (implementation.module_forward is None) == (implementation.recurrence is None):
         raise ValueError(f"{implementation.name}: set exactly one of module_forward, recurrence")
     _REGISTRY.setdefault(cell, {})[implementation.name] = implementation
+    registered = {name for impls in _REGISTRY.values() for name in impls}
+    _NAMES = ("auto",) + tuple(sorted(registered))
+    _select.cache_clear()
 
 
 def names() -> Tuple[str, ...]:
     """Every backend name: "auto" and each registered implementation."""
-    registered = {name for impls in _REGISTRY.values() for name in impls}
-    return ("auto",) + tuple(sorted(registered))
+    return _NAMES
 
 
 def _validate(name, source: str = "backend") -> str:
-    if name not in names():
+    if name not in _NAMES:
         raise ValueError(f"unknown lstmgru {source} {name!r}; expected one of "
                          f"{', '.join(names())}")
     return name

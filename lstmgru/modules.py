@@ -62,6 +62,18 @@ def _run_dtype(x: torch.Tensor, autocast_covers_cpu: bool) -> torch.dtype:
     return x.dtype
 
 
+def _device_type(t: torch.Tensor) -> str:
+    # t.device builds a torch.device object: the flags are cheaper on the common devices.
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
+def _case_dtype(t: torch.Tensor, autocast_covers_cpu: bool) -> torch.dtype:
+    """``_run_dtype`` without its cost when no autocast is on at all (the common case)."""
+    if not torch._C._is_any_autocast_enabled():
+        return t.dtype
+    return _run_dtype(t, autocast_covers_cpu)
+
+
 def _autocast_off(device: torch.device):
     """Inside, dtypes are chosen explicitly (``_run_dtype``), not op by op by autocast."""
     if _autocast_on(device):
@@ -71,6 +83,7 @@ def _autocast_off(device: torch.device):
 
 class _RNNBase(nn.Module):
     mode: str
+    reset_after = True  # the GRU's form; a class attribute, so that reading it is cheap
 
     # torch.nn.RNNBase's flat-weight bookkeeping and argument checks, taken as they are (they
     # are plain functions of the module's attributes), so that torch.nn's own forward can run
@@ -265,7 +278,8 @@ class _RNNBase(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _implementation(self, input) -> backends.Implementation:
-        """The implementation that runs this call (cheap: a cached decision per case)."""
+        """The implementation that runs this call. Cheap (a cached decision per case): on the
+        native path this is all a call costs beyond torch.nn's own forward."""
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         if not isinstance(data, torch.Tensor):
@@ -277,8 +291,8 @@ class _RNNBase(nn.Module):
         else:
             batch = 1 if data.dim() != 3 else data.shape[0 if self.batch_first else 1]
         return backends.select(backends.Case(
-            self.mode, data.device.type, _run_dtype(data, self.mode == "LSTM"),
-            self.hidden_size, batch, self.proj_size, getattr(self, "reset_after", True)))
+            self.mode, _device_type(data), _case_dtype(data, self.mode == "LSTM"),
+            self.hidden_size, batch, self.proj_size, self.reset_after))
 
     def forward(self, input, hx=None):
         implementation = self._implementation(input)
@@ -421,6 +435,7 @@ class GRU(_RNNBase):
 
 class _CellBase(nn.Module):
     mode: str
+    reset_after = True  # as in _RNNBase
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None):
@@ -457,8 +472,8 @@ class _CellBase(nn.Module):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
         batch = input.shape[0] if input.dim() == 2 else 1
         return backends.select(backends.Case(
-            self.mode, input.device.type, _run_dtype(input, autocast_covers_cpu=False),
-            self.hidden_size, batch, 0, getattr(self, "reset_after", True)))
+            self.mode, _device_type(input), _case_dtype(input, autocast_covers_cpu=False),
+            self.hidden_size, batch, 0, self.reset_after))
 
     def _weights(self, dtype: torch.dtype) -> list:
         """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""

@@ -73,7 +73,7 @@ def _load_bench():
 
 
 def test_bench_presets_expand():
-    """The presets expand to the grids the README promises (no timing, no lstmgru import)."""
+    """The presets expand to the grids the README promises (no timing)."""
     bench = _load_bench()
     cpu = bench.torch.device("cpu")
 
@@ -81,11 +81,12 @@ def test_bench_presets_expand():
         return bench.build_configs(bench.parse_args(list(argv)), cpu)
 
     grid = configs("--preset", "cpu")
-    assert len(grid) == 3 * 3 * 4 * 2 * 2 + 4  # T x B x (I,H) x op x mode, + seed case x op x mode
+    assert len(grid) == 3 * 3 * 4 * 3 * 2 + 6  # T x B x (I,H) x op x mode, + seed case x op x mode
+    assert {c["op"] for c in grid} == {"lstm", "gru", "gru_original"}
     assert {(c["input_size"], c["hidden_size"]) for c in grid} == {
         (1, 50), (32, 64), (128, 128), (256, 256)}
     assert sum(c["batch"] == 32 and c["seq_len"] == 10 and c["hidden_size"] == 50
-               for c in grid) == 4
+               for c in grid) == 6
     # on CPU the gpu preset drops the half types and keeps its shapes
     gpu = configs("--preset", "gpu")
     assert len(gpu) == 4 * 4 * 2 * 2 and {c["dtype"] for c in gpu} == {"float32"}
