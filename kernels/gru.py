@@ -10,6 +10,9 @@ Two variants of the candidate gate n:
 and in both  r = sigmoid(gx_r + h @ W_hr^T),  z = sigmoid(gx_z + h @ W_hz^T),
 h' = (1 - z) * n + z * h.
 
+Conventions (absent arguments, contiguity, 64-bit offsets, dot precision, block shapes) are
+``_common.py``'s.
+
 Kernel structure. The grid runs over batch tiles: each program owns BLOCK_B whole rows of the
 state for all T steps, so no program ever waits on another (no grid barrier, which the
 interpreter, running programs one after another, could not honour). Within a step the program
@@ -19,13 +22,12 @@ pre-activations never go to global memory. The state lives in a small fp32 doubl
 chunk loop needs all of h_{t-1} while it writes h_t); threads of a program hand it over through
 memory, so every phase ends with tl.debug_barrier().
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _launch
+from ._common import Blocks, contiguous, dot_precision
 from ._math import sigmoid, tanh
 
 
@@ -113,8 +115,8 @@ def _gru_fwd_kernel(
         cur = s % 2
         h_rows = (cur * B + rows).to(tl.int64) * H          # h_{t-1}, fp32
         nxt_rows = ((1 - cur) * B + rows).to(tl.int64) * H  # h_t, fp32
-        x_rows = (t * B + rows).to(tl.int64) * (3 * H)      # gates_x[t], saved gates[t]
-        y_rows = (t * B + rows).to(tl.int64) * H            # y[t], saved ghn[t]
+        x_rows = (t.to(tl.int64) * B + rows) * (3 * H)      # gates_x[t], saved gates[t]
+        y_rows = (t.to(tl.int64) * B + rows) * H            # y[t], saved ghn[t]
         s_rows = rows.to(tl.int64) * H                      # rh, z scratch
         if HAS_LENGTHS:
             active = row_mask & (t < lens)
@@ -221,7 +223,7 @@ def _load_h_prev(y_ptr, h0_ptr, t, rows, row_mask, lens, cols, cmask, B, H,
         # tl.where rather than `row_mask & (tp >= 0)`: triton 3.9's interpreter turns a scalar
         # int1 & a block of int1 into an int32 mask, which tl.load rejects.
         from_y = tl.where(tp >= 0, row_mask, False)
-    offs = (tp * B + rows).to(tl.int64) * H
+    offs = (tp.to(tl.int64) * B + rows) * H
     h = tl.load(y_ptr + offs[:, None] + cols[None, :], mask=from_y[:, None] & cmask[None, :],
                 other=0.0).to(tl.float32)
     if HAS_H0:
@@ -264,8 +266,8 @@ def _gru_bwd_kernel(
         cur = s % 2
         dh_rows = (cur * B + rows).to(tl.int64) * H
         nxt_rows = ((1 - cur) * B + rows).to(tl.int64) * H
-        x_rows = (t * B + rows).to(tl.int64) * (3 * H)
-        y_rows = (t * B + rows).to(tl.int64) * H
+        x_rows = (t.to(tl.int64) * B + rows) * (3 * H)
+        y_rows = (t.to(tl.int64) * B + rows) * H
         if HAS_LENGTHS:
             active = row_mask & (t < lens)
         else:
@@ -361,15 +363,7 @@ def _gru_bwd_kernel(
     _copy_rows(dh_ptr + (T % 2) * B * H, gh0_ptr, rows, row_mask, H, True, BLOCK_B, BLOCK_H)
 
 
-class GRUBlocks(NamedTuple):
-    block_b: int
-    block_h: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-def gru_blocks(B: int, H: int) -> GRUBlocks:
+def gru_blocks(B: int, H: int) -> Blocks:
     """Tile shapes and launch options for a batch of B rows and hidden size H.
 
     The interpreter tests call this too, so they run the tile shapes the GPU compiles.
@@ -386,13 +380,7 @@ def gru_blocks(B: int, H: int) -> GRUBlocks:
     block_b = min(64, max(16, triton.next_power_of_2(triton.cdiv(max(B, 1), 128))))
     block_h = min(1024 // block_b, max(16, triton.next_power_of_2(H)))
     block_k = min(32, max(16, triton.next_power_of_2(H)))
-    return GRUBlocks(block_b, block_h, block_k, num_warps=8, num_stages=1)
-
-
-def _dot_precision(dtype):
-    # fp32 inputs get exact IEEE products (TF32 would lose about 3 decimal digits); for fp16/bf16
-    # the option is ignored, so pass the default.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return Blocks(block_b, block_h, block_k, num_warps=8, num_stages=1)
 
 
 def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_after: bool,
@@ -436,13 +424,13 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
         z = torch.empty(B, H, device=dev, dtype=torch.float32)
     _launch.launch(
         _gru_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
-        gates_x.contiguous(), None if h0 is None else h0.contiguous(), weight_hh.contiguous(),
-        bias_hn, lengths,
+        contiguous(gates_x), contiguous(h0), contiguous(weight_hh), contiguous(bias_hn),
+        contiguous(lengths),
         y, h_n, gates, gh_n, hbuf, rh, z,
         T, B, H,
         HAS_H0=h0 is not None, HAS_BHN=bias_hn is not None, HAS_LENGTHS=lengths is not None,
         REVERSE=bool(reverse), RESET_AFTER=bool(reset_after), TRAINING=bool(training),
-        DOT_PRECISION=_dot_precision(dtype), BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h,
+        DOT_PRECISION=dot_precision(dtype, dev), BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h,
         BLOCK_K=blocks.block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     return y, h_n, saved
@@ -474,15 +462,13 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
     dh = torch.empty(2, B, H, device=dev, dtype=torch.float32)
     _launch.launch(
         _gru_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
-        None if grad_y is None else grad_y.contiguous(),
-        None if grad_h_n is None else grad_h_n.contiguous(),
-        gates, saved[1] if reset_after else None, y,
-        None if h0 is None else h0.contiguous(), weight_hh.contiguous(), lengths,
+        contiguous(grad_y), contiguous(grad_h_n), gates, saved[1] if reset_after else None,
+        contiguous(y), contiguous(h0), contiguous(weight_hh), contiguous(lengths),
         grad_gx, grad_gh, grad_h0, dh,
         T, B, H,
         HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
         HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
-        DOT_PRECISION=_dot_precision(weight_hh.dtype), BLOCK_B=blocks.block_b,
+        DOT_PRECISION=dot_precision(weight_hh.dtype, dev), BLOCK_B=blocks.block_b,
         BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k, num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )

@@ -11,16 +11,16 @@ reduction dimension in BLOCK_K pieces. The state of its rows lives in fp32 scrat
 because a chunk needs all H columns of h_{t-1}, which other threads of the program produced; a
 ``tl.debug_barrier()`` (a CTA barrier on the GPU) separates the steps.
 
-Lengths: row b is active at time t iff t < lengths[b]. An inactive row keeps its state and outputs
+Conventions (absent arguments, contiguity, 64-bit offsets, dot precision, block shapes) are
+``_common.py``'s. Lengths: row b is active at time t iff t < lengths[b]. An inactive row keeps its state and outputs
 0, in both directions, so a reversed row simply starts at t = lengths[b] - 1 from (h0, c0).
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _launch
+from ._common import Blocks, contiguous, dot_precision
 from ._math import sigmoid, tanh
 
 # An H100 has 132 SMs. Beyond about one wave of programs, a wider batch tile is cheaper than a
@@ -28,15 +28,7 @@ from ._math import sigmoid, tanh
 _ONE_WAVE = 128
 
 
-class LSTMBlocks(NamedTuple):
-    block_b: int  # batch rows per program (>= 16: tl.dot needs M >= 16)
-    block_h: int  # hidden columns produced per chunk (N of the recurrent product)
-    block_k: int  # reduction slice of the recurrent product (K)
-    num_warps: int
-    num_stages: int
-
-
-def lstm_blocks(batch: int, hidden: int, dtype: torch.dtype) -> LSTMBlocks:
+def lstm_blocks(batch: int, hidden: int, dtype: torch.dtype) -> Blocks:
     """Block shapes the launchers pick (on the GPU and in tests) for a batch x hidden problem."""
     block_b = 16
     while block_b < 64 and triton.cdiv(batch, block_b) > _ONE_WAVE:
@@ -48,7 +40,7 @@ def lstm_blocks(batch: int, hidden: int, dtype: torch.dtype) -> LSTMBlocks:
     block_k = min(k_cap, max(16, triton.next_power_of_2(hidden)))
     # Four fp32 gate accumulators of block_b x block_h: at most 64 registers per thread.
     num_warps = 4 if block_b * block_h <= 2048 else 8
-    return LSTMBlocks(block_b, block_h, block_k, num_warps, num_stages=2)
+    return Blocks(block_b, block_h, block_k, num_warps, num_stages=2)
 
 
 @triton.jit
@@ -60,7 +52,7 @@ def _load_pair_fp32(a_ptr, b_ptr, a_out_ptr, b_out_ptr, rows2, row_ok, H,
     for j in range(0, H, BLOCK_H):
         cols = j + tl.arange(0, BLOCK_H)
         mask = row_ok[:, None] & (cols < H)[None, :]
-        st = rows2 * H + cols[None, :]
+        st = rows2 * H + cols[None, :]  # rows2 is int64
         if HAS_A:
             a = tl.load(a_ptr + st, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -80,14 +72,12 @@ def _lstm_fwd_kernel(
     h_buf_ptr, c_buf_ptr,
     T, B, H, BH,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    REVERSE: tl.constexpr, TRAINING: tl.constexpr,
+    REVERSE: tl.constexpr, TRAINING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Offsets within one time step are int32 (the launcher checks 4*B*H < 2**31); only each
-    # step's base pointer is computed in int64, so (T, B, 4H) tensors may pass 2**31 elements.
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    rows2 = rows[:, None]
+    rows2 = rows.to(tl.int64)[:, None]  # int64: every offset below is derived from it
     ks = tl.arange(0, BLOCK_K)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
@@ -101,9 +91,7 @@ def _lstm_fwd_kernel(
         t = T - 1 - s if REVERSE else s
         t64 = t.to(tl.int64)
         gx_t = gx_ptr + t64 * (4 * BH)
-        act_t = act_ptr + t64 * (4 * BH)
         y_t = y_ptr + t64 * BH
-        c_seq_t = c_seq_ptr + t64 * BH
         h_rd = h_buf_ptr + (s % 2) * BH
         h_wr = h_buf_ptr + ((s + 1) % 2) * BH
         if HAS_LENGTHS:
@@ -119,12 +107,12 @@ def _lstm_fwd_kernel(
             acc_g = tl.load(gx_t + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
             acc_o = tl.load(gx_t + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
             # Gate q's rows of weight_hh for these columns: weight_hh[q*H + cols, k].
-            w_ptrs = w_ptr + cols[:, None] * H + ks[None, :]
+            w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * H + ks[None, :]
             h_ptrs = h_rd + rows2 * H + ks[None, :]
             for k0 in range(0, H, BLOCK_K):
                 k_ok = (k0 + ks) < H
                 # The product runs in the weights' dtype (tensor cores for fp16/bf16) with an fp32
-                # accumulator; "ieee" keeps fp32 inputs out of TF32 and is ignored otherwise.
+                # accumulator; DOT_PRECISION decides TF32 for fp32 weights (_common.py).
                 hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 hk = hk.to(w_ptr.dtype.element_ty)
                 w_mask = col_ok[:, None] & k_ok[None, :]
@@ -132,10 +120,10 @@ def _lstm_fwd_kernel(
                 w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
                 w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
                 w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
-                acc_i = tl.dot(hk, tl.trans(w_i), acc_i, input_precision="ieee")
-                acc_f = tl.dot(hk, tl.trans(w_f), acc_f, input_precision="ieee")
-                acc_g = tl.dot(hk, tl.trans(w_g), acc_g, input_precision="ieee")
-                acc_o = tl.dot(hk, tl.trans(w_o), acc_o, input_precision="ieee")
+                acc_i = tl.dot(hk, tl.trans(w_i), acc_i, input_precision=DOT_PRECISION)
+                acc_f = tl.dot(hk, tl.trans(w_f), acc_f, input_precision=DOT_PRECISION)
+                acc_g = tl.dot(hk, tl.trans(w_g), acc_g, input_precision=DOT_PRECISION)
+                acc_o = tl.dot(hk, tl.trans(w_o), acc_o, input_precision=DOT_PRECISION)
                 h_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K
             i = sigmoid(acc_i)
@@ -159,6 +147,8 @@ def _lstm_fwd_kernel(
             tl.store(h_wr + st, h, mask=mask)
             tl.store(y_t + st, out.to(y_ptr.dtype.element_ty), mask=mask)
             if TRAINING:
+                act_t = act_ptr + t64 * (4 * BH)
+                c_seq_t = c_seq_ptr + t64 * BH
                 tl.store(act_t + g_off, i, mask=mask)
                 tl.store(act_t + g_off + H, f, mask=mask)
                 tl.store(act_t + g_off + 2 * H, g, mask=mask)
@@ -185,12 +175,12 @@ def _lstm_bwd_kernel(
     dgx_ptr, dh_ptr, dc_ptr,
     T, B, H, BH,
     HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    rows2 = rows[:, None]
+    rows2 = rows.to(tl.int64)[:, None]  # int64: every offset below is derived from it
     ks = tl.arange(0, BLOCK_K)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
@@ -211,7 +201,6 @@ def _lstm_bwd_kernel(
         t64 = t.to(tl.int64)
         act_t = act_ptr + t64 * (4 * BH)
         dgx_t = dgx_ptr + t64 * (4 * BH)
-        gy_t = gy_ptr + t64 * BH
         c_seq_t = c_seq_ptr + t64 * BH
         c_seq_prev = c_seq_ptr + t_prev.to(tl.int64) * BH
         if HAS_LENGTHS:
@@ -238,7 +227,7 @@ def _lstm_bwd_kernel(
             if HAS_GY:
                 # Added for inactive rows too: their gate gradients are zeroed below and dh_ptr
                 # itself is not written in this phase.
-                dh += tl.load(gy_t + st, mask=mask, other=0.0).to(tl.float32)
+                dh += tl.load(gy_ptr + t64 * BH + st, mask=mask, other=0.0).to(tl.float32)
             dc_next = tl.load(dc_ptr + st, mask=mask, other=0.0)
             tc = tanh(c)
             dc = dc_next + dh * o * (1.0 - tc * tc)
@@ -270,13 +259,13 @@ def _lstm_bwd_kernel(
             acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
             for q in tl.static_range(4):
                 da_ptrs = dgx_t + rows2 * (4 * H) + q * H + ks[None, :]
-                w_ptrs = w_ptr + (q * H + ks[:, None]) * H + cols[None, :]
+                w_ptrs = w_ptr + (q * H + ks.to(tl.int64)[:, None]) * H + cols[None, :]
                 for k0 in range(0, H, BLOCK_K):
                     k_ok = (k0 + ks) < H
                     da = tl.load(da_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     da = da.to(w_ptr.dtype.element_ty)
                     w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    acc = tl.dot(da, w, acc, input_precision="ieee")
+                    acc = tl.dot(da, w, acc, input_precision=DOT_PRECISION)
                     da_ptrs += BLOCK_K
                     w_ptrs += BLOCK_K * H
             if HAS_LENGTHS:
@@ -292,14 +281,9 @@ def _check(name, tensor, shape, dtype, device):
             f"{name}: expected {tuple(shape)} {dtype} on {device}, "
             f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
         )
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
 
 
 def _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths):
-    if 4 * H * max(H, B) >= 2**31:
-        # Offsets into weight_hh and within one time step are int32 inside the kernels.
-        raise ValueError(f"batch {B} x hidden {H} is too large for the fused LSTM kernels")
     _check("weight_hh", weight_hh, (4 * H, H), dtype, device)
     if h0 is not None:
         _check("h0", h0, (B, H), dtype, device)
@@ -329,9 +313,10 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     T, B, G = gates_x.shape
     H = G // 4
     device, dtype = gates_x.device, gates_x.dtype
-    if G != 4 * H or not gates_x.is_contiguous():
-        raise ValueError(f"gates_x must be a contiguous (T, B, 4H) tensor, got {gates_x.shape}")
+    if G != 4 * H:
+        raise ValueError(f"gates_x must be a (T, B, 4H) tensor, got {tuple(gates_x.shape)}")
     _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths)
+    gates_x, h0, c0, weight_hh = (contiguous(t) for t in (gates_x, h0, c0, weight_hh))
 
     y = torch.empty((T, B, H), device=device, dtype=dtype)
     h_n = torch.empty((B, H), device=device, dtype=dtype)
@@ -348,18 +333,15 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     blocks = lstm_blocks(B, H, dtype)
     h_buf = torch.empty((2, B, H), device=device, dtype=torch.float32)
     c_buf = torch.empty((B, H), device=device, dtype=torch.float32)
-    # Absent optional tensors are never read (their HAS_* flag is off); any tensor stands in.
-    act, c_seq = saved if training else (c_buf, c_buf)
+    act, c_seq = saved if training else (None, None)
     _launch.launch(
         _lstm_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
-        gates_x, weight_hh,
-        h0 if h0 is not None else h_buf,
-        c0 if c0 is not None else c_buf,
-        lengths if lengths is not None else c_buf,
+        gates_x, weight_hh, h0, c0, contiguous(lengths),
         y, h_n, c_n, act, c_seq, h_buf, c_buf,
         T, B, H, B * H,
         HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
         REVERSE=bool(reverse), TRAINING=bool(training),
+        DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
@@ -388,10 +370,10 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     for name, grad, shape in (("grad_y", grad_y, (T, B, H)), ("grad_h_n", grad_h_n, (B, H)),
                               ("grad_c_n", grad_c_n, (B, H))):
         if grad is not None:
-            grad = grad.contiguous()
             _check(name, grad, shape, grad.dtype, device)
-        grads.append(grad)
+        grads.append(contiguous(grad))
     grad_y, grad_h_n, grad_c_n = grads
+    c0, weight_hh = contiguous(c0), contiguous(weight_hh)
 
     grad_gates_x = torch.empty((T, B, 4 * H), device=device, dtype=torch.float32)
     grad_h0 = torch.empty((B, H), device=device, dtype=torch.float32)
@@ -402,17 +384,12 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     blocks = lstm_blocks(B, H, dtype)
     _launch.launch(
         _lstm_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
-        grad_y if grad_y is not None else grad_h0,
-        grad_h_n if grad_h_n is not None else grad_h0,
-        grad_c_n if grad_c_n is not None else grad_c0,
-        act, c_seq,
-        c0 if c0 is not None else grad_c0,
-        weight_hh,
-        lengths if lengths is not None else grad_h0,
+        grad_y, grad_h_n, grad_c_n, act, c_seq, c0, weight_hh, contiguous(lengths),
         grad_gates_x, grad_h0, grad_c0,
         T, B, H, B * H,
         HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
         HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+        DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
