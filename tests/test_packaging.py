@@ -13,6 +13,7 @@ ask for the ``triton`` extra.
 import importlib.metadata
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -127,16 +128,36 @@ def _linked_deps(dest, skip):
 
 
 # Runs in the fresh environment; prints one JSON line. Compares lstmgru with torch.nn on the same
-# weights (output, final state, input, state and every parameter gradient).
+# weights (output, final state, input, state and every parameter gradient). argv: mode, seed.
 _PROBE = textwrap.dedent('''
-    import importlib.util, json, sys
+    import importlib.abc, importlib.machinery, importlib.util, json, sys
     from importlib import metadata
 
-    want_triton = sys.argv[1] == "with-triton"
+    mode, seed = sys.argv[1], int(sys.argv[2])
     import torch
+
+    if mode == "broken-triton":
+        # triton is installed but fails to import (a build for another platform, a missing
+        # library): found by find_spec, raising ImportError when executed.
+        class _Broken(importlib.abc.Loader):
+            def create_module(self, spec):
+                return None
+
+            def exec_module(self, module):
+                raise ImportError("simulated: triton is installed but cannot be imported")
+
+        class _BreakTriton(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    return importlib.machinery.ModuleSpec(name, _Broken())
+                return None
+
+        sys.meta_path.insert(0, _BreakTriton())
+
     import lstmgru
 
-    info = {"lstmgru": lstmgru.__file__, "kernels": importlib.util.find_spec("lstmgru._kernels").origin,
+    info = {"lstmgru": lstmgru.__file__,
+            "kernels": importlib.util.find_spec("lstmgru._kernels").origin,
             "torch": torch.__file__, "version": lstmgru.__version__,
             "metadata_version": metadata.version("lstmgru"),
             "triton_spec": importlib.util.find_spec("triton") is not None}
@@ -155,7 +176,7 @@ _PROBE = textwrap.dedent('''
         hx = tuple(h.detach().clone().requires_grad_() for h in hx)
         out, final = module(x, hx if len(hx) > 1 else hx[0])
         finals = final if isinstance(final, tuple) else (final,)
-        weighted([out, *finals], 7).backward()
+        weighted([out, *finals], seed).backward()
         res = {"output": out, "x.grad": x.grad}
         res.update({f"final[{i}]": f for i, f in enumerate(finals)})
         res.update({f"hx[{i}].grad": h.grad for i, h in enumerate(hx)})
@@ -163,7 +184,7 @@ _PROBE = textwrap.dedent('''
         return res
 
     def diff(kind, dtype, backend, T=5, B=3, I=4, H=6, L=2):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         ref = getattr(torch.nn, kind)(I, H, num_layers=L, bidirectional=True).to(dtype)
         ours = getattr(lstmgru, kind)(I, H, num_layers=L, bidirectional=True).to(dtype)
         ours.load_state_dict(ref.state_dict())
@@ -179,15 +200,16 @@ _PROBE = textwrap.dedent('''
 
     for kind in ("LSTM", "GRU"):
         info[f"{kind}/auto/fp64"] = diff(kind, torch.float64, "auto")
-        if want_triton:  # the shipped kernels, in Triton's interpreter on CPU tensors
+        if mode == "with-triton":  # the shipped kernels, in Triton's interpreter on CPU tensors
             info[f"{kind}/triton/fp32"] = diff(kind, torch.float32, "triton", T=3, B=2, L=1)
-        else:
-            try:
-                with lstmgru.use_backend("triton"):
-                    lstmgru.GRU(2, 3)(torch.randn(2, 1, 2))
-                info["triton_error"] = None
-            except RuntimeError as err:
-                info["triton_error"] = str(err)
+    if mode != "with-triton":
+        # Asking for the kernels: what happens (the contract is a RuntimeError saying why).
+        try:
+            with lstmgru.use_backend("triton"):
+                lstmgru.GRU(2, 3)(torch.randn(2, 1, 2))
+            info["triton_error"] = None
+        except Exception as err:
+            info["triton_error"] = [type(err).__name__, str(err)]
     print(json.dumps(info))
 ''')
 
@@ -219,12 +241,13 @@ def _probe(tmp_path, python, mode):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LSTMGRU_BACKEND",
                         "TRITON_INTERPRET", "PYTHONSAFEPATH")}
-    env.update(PYTHONPATH=str(deps), PYTHONNOUSERSITE="1")
-    if mode == "with-triton":
-        env["TRITON_INTERPRET"] = "1"
+    # The interpreter lets the "triton" backend run (or try to) on CPU tensors.
+    env.update(PYTHONPATH=str(deps), PYTHONNOUSERSITE="1", TRITON_INTERPRET="1")
+    seed = random.randrange(2**31)
     # cwd is a scratch directory, so the checkout cannot be imported by accident.
-    proc = _run([str(python), str(tmp_path / "probe.py"), mode], cwd=tmp_path, env=env)
+    proc = _run([str(python), str(tmp_path / "probe.py"), mode, str(seed)], cwd=tmp_path, env=env)
     info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["seed"] = seed
     # lstmgru and its kernels come from the wheel installed in the fresh environment.
     site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                 env=env, cwd=tmp_path).stdout.strip()
@@ -256,4 +279,22 @@ def test_wheel_runs_in_a_fresh_environment_without_triton(fresh_python, tmp_path
     for kind in ("LSTM", "GRU"):
         assert info[f"{kind}/auto/fp64"] <= 1e-10, info
     # Asking for the kernels says why they cannot run instead of failing on an import.
-    assert info["triton_error"] and "triton" in info["triton_error"], info
+    kind, message = info["triton_error"]
+    assert kind == "RuntimeError" and "triton" in message, info
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton is not installed in the test environment")
+def test_wheel_runs_in_a_fresh_environment_with_a_broken_triton(fresh_python, tmp_path, request):
+    """triton found but failing to import: ``import lstmgru`` and the reference path still work;
+    the explicit "triton" backend should then raise its RuntimeError with the reason."""
+    info = _probe(tmp_path, fresh_python, "broken-triton")
+    assert info["triton_spec"] and not info["triton_import"], "the simulation did not hold"
+    for kind in ("LSTM", "GRU"):
+        assert info[f"{kind}/auto/fp64"] <= 1e-10, info
+    if info["triton_error"] is None or info["triton_error"][0] != "RuntimeError":
+        request.applymarker(pytest.mark.xfail(
+            strict=False, reason="depends on the registry restructure: today the availability "
+            "check only asks find_spec('triton'), so a triton that is found but fails to import "
+            "surfaces as that ImportError instead of the backend's RuntimeError"))
+    kind, message = info["triton_error"] or (None, "")
+    assert kind == "RuntimeError" and "triton" in message, info
