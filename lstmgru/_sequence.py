@@ -35,6 +35,14 @@ class Lengths(NamedTuple):
         per_row = (sizes.unsqueeze(1) > torch.arange(batch).unsqueeze(0)).sum(0)
         return Lengths(tuple(int(s) for s in batch_sizes), per_row.to(device))
 
+    @staticmethod
+    def from_per_row(per_row: torch.Tensor, num_steps: int) -> "Lengths":
+        """The same, from the per-row tensor: how a recurrence op gets it back, since op
+        arguments are tensors. Rows must be sorted by length, as packed batches are."""
+        steps = torch.arange(num_steps, device=per_row.device)
+        sizes = (per_row.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
+        return Lengths(tuple(sizes.tolist()), per_row)
+
 
 def step_order(num_steps: int, reverse: bool) -> range:
     """The time steps in the order a direction processes them."""

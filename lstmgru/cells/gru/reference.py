@@ -8,13 +8,16 @@ per-step work is a few in-place ops, and the ``W_hh`` gradient is one GEMM over 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
+from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
                           prefix_rows, previous_states, recurrent_weight_grad, step_order,
                           step_views, storage)
+from . import spec
 
 # --------------------------------------------------------------------------------------
 def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
@@ -166,24 +169,63 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, l
     return grad_gates, grad_h0, grad_weight_hh, grad_bias_hn
 
 
-class _GRURecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
-        y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths,
-                                              reverse, reset_after, save)
-        if save:
-            ctx.save_for_backward(act, recurrent, y, h0, weight_hh, bias_hn)
-            ctx.lengths, ctx.reverse, ctx.reset_after = lengths, reverse, reset_after
-        return y, h_n
+# --------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile and torch.export) and the autograd.Function
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("lstmgru::gru_reference", mutates_args=())
+def gru_reference(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor],
+                  per_row: Optional[Tensor], reverse: bool, reset_after: bool,
+                  save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
+    y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
+                                          reset_after, save)
+    if not save:
+        act = recurrent = gates_x.new_empty(0)
+    return y, h_n.clone(), act, recurrent  # h_n may be a view of y: results must not alias
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_h_n):
-        act, recurrent, y, h0, weight_hh, bias_hn = ctx.saved_tensors
-        grad_gates, grad_h0, grad_w_hh, grad_b_hn = _gru_backward(
-            grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, ctx.lengths,
-            ctx.reverse, ctx.reset_after)
-        return grad_gates, grad_h0, grad_w_hh, grad_b_hn, None, None, None, None
+
+@gru_reference.register_fake
+def _(gates_x, h0, weight_hh, bias_hn, per_row, reverse, reset_after, save):
+    T, B, G = gates_x.shape
+    H = G // 3
+    act = gates_x.new_empty(T, B, G) if save else gates_x.new_empty(0)
+    recurrent = gates_x.new_empty(T, B, G if reset_after else H) if save else gates_x.new_empty(0)
+    return gates_x.new_empty(T, B, H), h0.new_empty(B, H), act, recurrent
+
+
+@torch.library.custom_op("lstmgru::gru_reference_backward", mutates_args=())
+def gru_reference_backward(grad_y: Tensor, grad_h_n: Tensor, act: Tensor, recurrent: Tensor,
+                           y: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor],
+                           per_row: Optional[Tensor], reverse: bool,
+                           reset_after: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, act.shape[0])
+    grad_gates, grad_h0, grad_w_hh, grad_b_hn = _gru_backward(
+        grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, lengths, reverse,
+        reset_after)
+    return grad_gates, grad_h0, grad_w_hh, grad_b_hn if grad_b_hn is not None else act.new_empty(0)
+
+
+@gru_reference_backward.register_fake
+def _(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, per_row, reverse,
+      reset_after):
+    return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(weight_hh),
+            torch.empty_like(bias_hn) if bias_hn is not None else act.new_empty(0))
+
+
+# Batch rows: as for the LSTM's ops (lstm/reference.py).
+register_row_vmap(gru_reference, (1, 0, None, None, 0, None, None, None), (1, 0, 1, 1))
+register_row_vmap(gru_reference_backward, (1, 0, 1, 1, 1, 0, None, None, 0, None, None), None)
+
+
+def _fast_backward(grads, saved, inputs, outputs, options):
+    gates_x, h0, weight_hh, bias_hn, per_row = inputs
+    grad_gates, grad_h0, grad_w_hh, grad_b_hn = gru_reference_backward(
+        *grads, *saved, outputs[0], h0, weight_hh, bias_hn, per_row, *options)
+    return grad_gates, grad_h0, grad_w_hh, grad_b_hn if bias_hn is not None else None
+
+
+_GRURecurrence = recurrence_function("GRUReferenceRecurrence", gru_reference, _fast_backward,
+                                     spec.recurrence, num_inputs=5, num_outputs=2)
 
 
 def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
@@ -196,17 +238,14 @@ def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Ten
             folded: ``b_hr, b_hz`` (and ``b_hn`` too when ``reset_after=False``). Gates r, z, n.
         h0: (B, H). weight_hh: (3H, H).
         bias_hn: (H,) or None; only with ``reset_after``, where it sits inside ``r * (...)``.
-
-    Equations (per step t, in processing order)::
-
-        r, z = sigmoid(gates_x[t, r|z] + h @ W_h{r,z}^T)
-        n = tanh(gates_x[t, n] + r * (h @ W_hn^T + b_hn))      reset_after=True (torch.nn)
-        n = tanh(gates_x[t, n] + (r * h) @ W_hn^T)             reset_after=False (original)
-        h = (1 - z) * n + z * h
+        lengths, reverse: see ``lstmgru._sequence.Lengths`` and the LSTM's reference.
 
     Returns:
-        y (T, B, H) with zeros where a row is inactive, h_n (B, H).
+        y (T, B, H) with zeros where a row is inactive, h_n (B, H): the same function as
+        ``spec.recurrence``.
     """
     save = needs_grad(gates_x, h0, weight_hh, bias_hn)
-    return _GRURecurrence.apply(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
-                                reset_after, save)
+    per_row = None if lengths is None else lengths.per_row
+    y, h_n, *_ = _GRURecurrence.apply(gates_x, h0, weight_hh, bias_hn, per_row, reverse,
+                                      reset_after, save)
+    return y, h_n

@@ -18,13 +18,16 @@ two against each other and against torch.nn. ``lengths`` (packed input): see
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
+from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
                           prefix_rows, previous_states, recurrent_weight_grad, step_order,
                           step_views, storage)
+from . import spec
 
 # --------------------------------------------------------------------------------------
 def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save):
@@ -150,24 +153,69 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
     return grad_gates, grad_h0, dc_carry, grad_weight_hh, grad_weight_hr
 
 
-class _LSTMRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save):
-        y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
-                                                            lengths, reverse, save)
-        if save:
-            ctx.save_for_backward(act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr)
-            ctx.lengths, ctx.reverse = lengths, reverse
-        return y, h_n, c_n
+# --------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile and torch.export) and the autograd.Function
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("lstmgru::lstm_reference", mutates_args=())
+def lstm_reference(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
+                   weight_hr: Optional[Tensor], per_row: Optional[Tensor], reverse: bool,
+                   save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
+    y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
+                                                        lengths, reverse, save)
+    if not save:
+        act = cells = tanh_cells = gates_x.new_empty(0)
+    # h_n and c_n may be views of y and cells; op results must not alias one another.
+    return y, h_n.clone(), c_n.clone(), act, cells, tanh_cells
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_h_n, grad_c_n):
-        act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr = ctx.saved_tensors
-        grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _lstm_backward(
-            grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
-            ctx.lengths, ctx.reverse)
-        return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, None, None, None
+
+@lstm_reference.register_fake
+def _(gates_x, h0, c0, weight_hh, weight_hr, per_row, reverse, save):
+    T, B, G = gates_x.shape
+    H, P = G // 4, h0.shape[1]
+    saved = [gates_x.new_empty(T, B, width) if save else gates_x.new_empty(0)
+             for width in (G, H, H)]
+    return (gates_x.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H), *saved)
+
+
+@torch.library.custom_op("lstmgru::lstm_reference_backward", mutates_args=())
+def lstm_reference_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, act: Tensor,
+                            cells: Tensor, tanh_cells: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
+                            weight_hh: Tensor, weight_hr: Optional[Tensor],
+                            per_row: Optional[Tensor],
+                            reverse: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, act.shape[0])
+    grads = _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0,
+                           weight_hh, weight_hr, lengths, reverse)
+    grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = grads
+    return (grad_gates, grad_h0, grad_c0, grad_w_hh,
+            grad_w_hr if grad_w_hr is not None else act.new_empty(0))
+
+
+@lstm_reference_backward.register_fake
+def _(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
+      per_row, reverse):
+    return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(weight_hh),
+            torch.empty_like(weight_hr) if weight_hr is not None else act.new_empty(0))
+
+
+# Batch rows are dimension 1 of (T, B, .) tensors and 0 of (B, .) ones. The backward's
+# weight gradients sum over rows: under vmap it runs per slice.
+register_row_vmap(lstm_reference, (1, 0, 0, None, None, 0, None, None), (1, 0, 0, 1, 1, 1))
+register_row_vmap(lstm_reference_backward, (1, 0, 0, 1, 1, 1, 1, 0, 0, None, None, 0, None),
+                  None)
+
+
+def _fast_backward(grads, saved, inputs, outputs, options):
+    gates_x, h0, c0, weight_hh, weight_hr, per_row = inputs
+    grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = lstm_reference_backward(
+        *grads, *saved, outputs[0], h0, c0, weight_hh, weight_hr, per_row, *options)
+    return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr if weight_hr is not None else None
+
+
+_LSTMRecurrence = recurrence_function("LSTMReferenceRecurrence", lstm_reference, _fast_backward,
+                                      spec.recurrence, num_inputs=6, num_outputs=3)
 
 
 def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
@@ -181,17 +229,12 @@ def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
         weight_hh: (4H, P). weight_hr: (P, H) or None (no projection).
         lengths, reverse: see the module docstring.
 
-    Equations (per step t, in processing order)::
-
-        i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of  gates_x[t] + h @ weight_hh^T
-        c = f * c + i * g
-        h = o * tanh(c)            (then h = h @ weight_hr^T with a projection)
-
     Returns:
-        y (T, B, P) with zeros where a row is inactive, h_n (B, P), c_n (B, H).
+        y (T, B, P) with zeros where a row is inactive, h_n (B, P), c_n (B, H); the same
+        function as ``spec.recurrence``.
     """
     save = needs_grad(gates_x, h0, c0, weight_hh, weight_hr)
-    return _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse,
-                                 save)
-
-
+    per_row = None if lengths is None else lengths.per_row
+    y, h_n, c_n, *_ = _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, per_row,
+                                            reverse, save)
+    return y, h_n, c_n
