@@ -19,17 +19,22 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-def recurrence_function(name: str, forward_op: Callable, fast_backward: Callable,
-                        spec: Callable, num_inputs: int, num_outputs: int):
-    """Build the autograd.Function for one implementation of one cell's recurrence.
+def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec: Callable,
+                        num_inputs: int, num_outputs: int):
+    """Build the autograd.Function for one implementation of one cell's recurrence, and give
+    the forward op the same autograd formula (``torch.export`` keeps the op, not the Function,
+    so an exported program differentiates the op itself).
 
-    ``forward_op(*inputs, *options, save)`` returns ``num_outputs`` results followed by the
+    ``qualname`` names the forward op, ``forward_op(*inputs, *options, save)``, which returns ``num_outputs`` results followed by the
     tensors its backward needs (empty when ``save`` is False). ``inputs`` are the first
     ``num_inputs`` arguments (tensors or None, in the order ``spec`` takes them; the last one
     is the per-row lengths, never differentiated); ``options`` are plain flags.
     ``fast_backward(grads, saved, inputs, outputs, options)`` returns one gradient per input
     but the lengths. ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
     """
+
+    namespace, op_name = qualname.split("::")
+    forward_op = getattr(getattr(torch.ops, namespace), op_name)
 
     def forward(*args):
         return forward_op(*args)
@@ -53,6 +58,7 @@ def recurrence_function(name: str, forward_op: Callable, fast_backward: Callable
             input_grads = fast_backward(grads, saved, tensors, results, ctx.options)
         return (*input_grads, None) + (None,) * (len(ctx.options) + 1)
 
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     return type(name, (torch.autograd.Function,), {
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
@@ -62,12 +68,20 @@ def recurrence_function(name: str, forward_op: Callable, fast_backward: Callable
 
 
 def _differentiable_backward(ctx, spec, tensors: Sequence, grads: Sequence, num_inputs: int):
+    # torch.func.vjp rather than torch.autograd.grad: under torch.func transforms the saved
+    # tensors of an autograd.Function live one level down, where autograd.grad sees no graph;
+    # vjp opens its own level and composes with autograd and with torch.func alike.
     wanted = [i for i in range(num_inputs - 1)
               if tensors[i] is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        outputs = spec(*tensors, *ctx.options)
-    found = torch.autograd.grad(outputs, [tensors[i] for i in wanted], grads, create_graph=True,
-                                allow_unused=True, materialize_grads=True)
+
+    def spec_of(*chosen):
+        args = list(tensors)
+        for i, tensor in zip(wanted, chosen):
+            args[i] = tensor
+        return tuple(spec(*args, *ctx.options))
+
+    _, pullback = torch.func.vjp(spec_of, *[tensors[i] for i in wanted])
+    found = pullback(tuple(grads))
     result = [None] * (num_inputs - 1)
     for i, grad in zip(wanted, found):
         result[i] = grad

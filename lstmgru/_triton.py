@@ -18,14 +18,18 @@ def interpreter_enabled() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _missing() -> Optional[str]:
-    # Asked once: find_spec searches the file system, which would cost more than a small
-    # forward pass on every call.
+    # Asked once, and only when a kernel could run (never by auto for CPU tensors): it
+    # imports triton, which takes a second.
     if importlib.util.find_spec("triton") is None:
         return ("the triton package is not installed (pip install 'lstmgru[triton]'; CUDA "
                 "builds of torch bring it)")
     if importlib.util.find_spec("lstmgru._kernels") is None:
         # kernels/ becomes lstmgru._kernels only when the package is installed.
         return "the kernels are not installed: install the package (pip install -e .)"
+    try:
+        importlib.import_module("lstmgru._kernels.lstm")
+    except ImportError as error:  # a triton that is there but broken
+        return f"the kernels do not import: {error}"
     return None
 
 

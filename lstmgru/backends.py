@@ -51,10 +51,11 @@ class Case(NamedTuple):
     device_type: str          # of the input
     dtype: torch.dtype        # the dtype the recurrence runs in (after autocast)
     hidden_size: int
-    batch: int
+    batch: int                # 0 while torch.compile traces: the choice must not specialize on it
     proj_size: int = 0
     reset_after: bool = True  # GRU: False is the original GRU, which torch cannot compute
     variants: Tuple[str, ...] = ()  # cell variants in force (names); torch computes none
+    transform: str = ""       # "torch.compile" or "torch.func" while one is tracing the call
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,17 @@ def supports(name: str, case: Case) -> Optional[str]:
 
 def select(case: Case) -> Implementation:
     """The implementation that runs ``case`` under the backend in force."""
+    if torch.compiler.is_compiling():
+        return _REGISTRY[case.cell][_name_while_compiling(*case)]
     return _select(get_backend(), case)
+
+
+@torch.compiler.assume_constant_result
+def _name_while_compiling(*fields) -> str:
+    # Dynamo cannot trace ContextVar.get: the choice is made once, when the graph is built,
+    # and baked into it (a backend changed later applies to graphs compiled later). The case
+    # travels as its fields: constants that dynamo hands over as they are.
+    return _select(get_backend(), Case(*fields)).name
 
 
 @functools.lru_cache(maxsize=4096)

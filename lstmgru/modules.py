@@ -50,7 +50,10 @@ def _check_bool_arg(name: str, value) -> None:
 
 def _autocast_on(device: torch.device) -> bool:
     """Under autocast torch.nn accepts inputs and states in another dtype than the weights."""
-    return torch.is_autocast_enabled(device.type)
+    if not torch._C._is_any_autocast_enabled():
+        return False
+    # Devices without an autocast mode (meta, for one) make torch's query raise.
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 def _run_dtype(x: torch.Tensor, autocast_covers_cpu: bool) -> torch.dtype:
@@ -72,6 +75,15 @@ def _case_dtype(t: torch.Tensor, autocast_covers_cpu: bool) -> torch.dtype:
     if not torch._C._is_any_autocast_enabled():
         return t.dtype
     return _run_dtype(t, autocast_covers_cpu)
+
+
+def _transform() -> str:
+    """Which tracing transform, if any, runs this call (``Case.transform``)."""
+    if torch.compiler.is_compiling():
+        return "torch.compile"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "torch.func"
+    return ""
 
 
 def _autocast_off(device: torch.device):
@@ -285,14 +297,17 @@ class _RNNBase(nn.Module):
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor or a PackedSequence, got "
                             f"{type(input).__name__}")
-        if packed:
+        transform = _transform()
+        if transform == "torch.compile":
+            batch = 0  # a traced size: the choice must not specialize the graph on it
+        elif packed:
             batch = len(input.sorted_indices) if input.sorted_indices is not None \
                 else int(input.batch_sizes[0])
         else:
             batch = 1 if data.dim() != 3 else data.shape[0 if self.batch_first else 1]
         return backends.select(backends.Case(
             self.mode, _device_type(data), _case_dtype(data, self.mode == "LSTM"),
-            self.hidden_size, batch, self.proj_size, self.reset_after))
+            self.hidden_size, batch, self.proj_size, self.reset_after, (), transform))
 
     def forward(self, input, hx=None):
         implementation = self._implementation(input)
@@ -470,10 +485,11 @@ class _CellBase(nn.Module):
     def _implementation(self, input) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
-        batch = input.shape[0] if input.dim() == 2 else 1
+        transform = _transform()
+        batch = 0 if transform == "torch.compile" else input.shape[0] if input.dim() == 2 else 1
         return backends.select(backends.Case(
             self.mode, _device_type(input), _case_dtype(input, autocast_covers_cpu=False),
-            self.hidden_size, batch, 0, self.reset_after))
+            self.hidden_size, batch, 0, self.reset_after, (), transform))
 
     def _weights(self, dtype: torch.dtype) -> list:
         """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""

@@ -284,17 +284,12 @@ def test_wheel_runs_in_a_fresh_environment_without_triton(fresh_python, tmp_path
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton is not installed in the test environment")
-def test_wheel_runs_in_a_fresh_environment_with_a_broken_triton(fresh_python, tmp_path, request):
+def test_wheel_runs_in_a_fresh_environment_with_a_broken_triton(fresh_python, tmp_path):
     """triton found but failing to import: ``import lstmgru`` and the reference path still work;
-    the explicit "triton" backend should then raise its RuntimeError with the reason."""
+    the explicit "triton" backend raises its RuntimeError with the reason."""
     info = _probe(tmp_path, fresh_python, "broken-triton")
     assert info["triton_spec"] and not info["triton_import"], "the simulation did not hold"
     for kind in ("LSTM", "GRU"):
         assert info[f"{kind}/auto/fp64"] <= 1e-10, info
-    if info["triton_error"] is None or info["triton_error"][0] != "RuntimeError":
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="depends on the registry restructure: today the availability "
-            "check only asks find_spec('triton'), so a triton that is found but fails to import "
-            "surfaces as that ImportError instead of the backend's RuntimeError"))
     kind, message = info["triton_error"] or (None, "")
     assert kind == "RuntimeError" and "triton" in message, info

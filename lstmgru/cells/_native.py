@@ -7,6 +7,12 @@ from ..backends import Case
 
 
 def variants_reason(case: Case) -> Optional[str]:
+    if case.transform == "torch.compile":
+        # Traced, torch's RNN op decomposes into per-step ops: a graph unrolled over a fixed T.
+        return ("under torch.compile/torch.export torch's RNN op is unrolled over the steps; "
+                "the recurrence runs as one lstmgru op instead")
+    if case.transform == "torch.func":
+        return "torch's RNN kernels have no torch.func (vmap) rules"
     if case.variants:
         return f"torch's kernels compute none of the cell variants ({', '.join(case.variants)})"
     return None

@@ -37,7 +37,8 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after,
         bias_h = torch.cat([bias_hn.new_zeros(2 * H), bias_hn])
     per_step = list(zip(
         gates_x[..., :2 * H].unbind(0), gates_x[..., 2 * H:].unbind(0),
-        step_views(act[..., :2 * H], T), step_views(act[..., :H], T), step_views(act[..., H:2 * H], T),
+        step_views(act[..., :2 * H], T), step_views(act[..., :H], T),
+        step_views(act[..., H:2 * H], T),
         step_views(act[..., 2 * H:], T), step_views(recurrent, T),
         step_views(recurrent[..., :2 * H], T) if reset_after else [None] * T,
         step_views(recurrent[..., 2 * H:], T) if reset_after else [None] * T,
@@ -179,8 +180,8 @@ def gru_reference(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optio
     lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
     y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
                                           reset_after, save)
-    if not save:
-        act = recurrent = gates_x.new_empty(0)
+    if not save:  # nothing kept; each an own tensor, since results must not alias
+        act, recurrent = gates_x.new_empty(0), gates_x.new_empty(0)
     return y, h_n.clone(), act, recurrent  # h_n may be a view of y: results must not alias
 
 
@@ -219,13 +220,14 @@ register_row_vmap(gru_reference_backward, (1, 0, 1, 1, 1, 0, None, None, 0, None
 
 def _fast_backward(grads, saved, inputs, outputs, options):
     gates_x, h0, weight_hh, bias_hn, per_row = inputs
-    grad_gates, grad_h0, grad_w_hh, grad_b_hn = gru_reference_backward(
+    grad_gates, grad_h0, grad_w_hh, grad_b_hn = torch.ops.lstmgru.gru_reference_backward(
         *grads, *saved, outputs[0], h0, weight_hh, bias_hn, per_row, *options)
     return grad_gates, grad_h0, grad_w_hh, grad_b_hn if bias_hn is not None else None
 
 
-_GRURecurrence = recurrence_function("GRUReferenceRecurrence", gru_reference, _fast_backward,
-                                     spec.recurrence, num_inputs=5, num_outputs=2)
+_GRURecurrence = recurrence_function("GRUReferenceRecurrence", "lstmgru::gru_reference",
+                                     _fast_backward, spec.recurrence, num_inputs=5,
+                                     num_outputs=2)
 
 
 def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,

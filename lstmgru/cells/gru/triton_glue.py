@@ -9,7 +9,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
+from . import spec
 from ..._kernels import gru as gru_kernels
 from ..lstm.triton_glue import _nothing
 
@@ -55,35 +57,32 @@ def _(grad_y, grad_h_n, gates, gh_n, y, h0, weight_hh, lengths, reverse, reset_a
             gates.new_empty(B, G // 3, **fp32))
 
 
-def _gru_setup_context(ctx, inputs, output):
-    gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, training = inputs
-    y, _, gates, gh_n = output
-    ctx.save_for_backward(y, h0, weight_hh, bias_hn, lengths, gates, gh_n)
-    ctx.reverse, ctx.reset_after, ctx.training = reverse, reset_after, training
-    ctx.gates_dtype = gates_x.dtype
+register_row_vmap(gru_forward, (1, 0, None, None, 0, None, None, None), (1, 0, 1, 1))
+register_row_vmap(gru_backward, (1, 0, 1, 1, 1, 0, None, 0, None, None), None)
 
 
-def _gru_autograd(ctx, grad_y, grad_h_n, _grad_gates, _grad_gh_n):
-    if not ctx.training:
-        raise RuntimeError("lstmgru: the GRU kernel ran without saving for backward "
-                           "(training=False) but a gradient was requested")
-    y, h0, weight_hh, bias_hn, lengths, gates, gh_n = ctx.saved_tensors
-    grad_gates_x, grad_rec, grad_h0 = gru_backward(grad_y, grad_h_n, gates, gh_n, y, h0,
-                                                   weight_hh, lengths, ctx.reverse,
-                                                   ctx.reset_after)
-    h_prev = previous_states(y, h0, lengths, ctx.reverse)
+def _fast_backward(grads, saved, inputs, outputs, options):
+    gates_x, h0, weight_hh, bias_hn, per_row = inputs
+    reverse, reset_after = options
+    gates, gh_n = saved
+    y = outputs[0]
+    grad_gates_x, grad_rec, grad_h0 = torch.ops.lstmgru.gru_backward(
+        *grads, gates, gh_n, y, h0, weight_hh, per_row, reverse, reset_after)
+    h_prev = previous_states(y, h0, per_row, reverse)
     H = h0.shape[-1]
     # The original GRU's n block multiplies r * h_{t-1}.
-    rh = None if ctx.reset_after else gates[..., :H].float() * h_prev.float()
+    rh = None if reset_after else gates[..., :H].float() * h_prev.float()
     grad_weight_hh = recurrent_weight_grad(grad_rec, h_prev, n_block_operand=rh)
     grad_bias_hn = None
     if bias_hn is not None:
         grad_bias_hn = grad_rec[..., 2 * H:].sum((0, 1)).to(bias_hn.dtype)
-    return (grad_gates_x.to(ctx.gates_dtype), grad_h0.to(h0.dtype),
-            grad_weight_hh.to(weight_hh.dtype), grad_bias_hn, None, None, None, None)
+    return (grad_gates_x.to(gates_x.dtype), grad_h0.to(h0.dtype),
+            grad_weight_hh.to(weight_hh.dtype), grad_bias_hn)
 
 
-gru_forward.register_autograd(_gru_autograd, setup_context=_gru_setup_context)
+_GRUKernelRecurrence = recurrence_function("GRUKernelRecurrence", "lstmgru::gru_forward",
+                                           _fast_backward, spec.recurrence, num_inputs=5,
+                                           num_outputs=2)
 
 
 def gru_recurrence(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor] = None,
@@ -92,7 +91,6 @@ def gru_recurrence(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Opti
     """``reference.gru_recurrence`` on the kernels."""
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, weight_hh, bias_hn)
-    y, h_n, _, _ = gru_forward(gates_x.contiguous(), h0.contiguous(), weight_hh.contiguous(),
-                               None if bias_hn is None else bias_hn.contiguous(), per_row,
-                               reverse, reset_after, training)
+    y, h_n, *_ = _GRUKernelRecurrence.apply(gates_x, h0, weight_hh, bias_hn, per_row, reverse,
+                                            reset_after, training)
     return y, h_n

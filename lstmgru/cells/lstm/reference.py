@@ -45,7 +45,8 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save)
     pre_g = pre[:, 2 * H:3 * H]
     hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
     per_step = list(zip(
-        gates_x.unbind(0), step_views(act, T), step_views(act[..., :H], T), step_views(act[..., H:2 * H], T),
+        gates_x.unbind(0), step_views(act, T), step_views(act[..., :H], T),
+        step_views(act[..., H:2 * H], T),
         step_views(act[..., 2 * H:3 * H], T), step_views(act[..., 3 * H:], T), step_views(cells, T),
         step_views(tanh_cells, T), y.unbind(0)))
     # Detached: out= ops on tensors that require grad take a slower path, even under no_grad.
@@ -126,8 +127,9 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
         if packed:
             n = lengths.batch_sizes[t]
             if n != B:
-                go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid = prefix_rows(
-                    (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col, dhid), n)
+                (go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct, dc_col,
+                 dhid) = prefix_rows((go, dh, k_c, k_ifg, k_o, f_t, dg, dg_ifg, dg_o, dcc, dct,
+                                      dc_col, dhid), n)
         # d h_t = d out_t + d gates_{t+1} @ W_hh (rows that ran at t+1)
         if dg_before is not None and n <= rows_before:
             torch.addmm(go, dg_before[:n] if n != rows_before else dg_before, weight_hh, out=dh)
@@ -163,8 +165,8 @@ def lstm_reference(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
     lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
     y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
                                                         lengths, reverse, save)
-    if not save:
-        act = cells = tanh_cells = gates_x.new_empty(0)
+    if not save:  # nothing kept; each an own tensor, since results must not alias
+        act, cells, tanh_cells = (gates_x.new_empty(0) for _ in range(3))
     # h_n and c_n may be views of y and cells; op results must not alias one another.
     return y, h_n.clone(), c_n.clone(), act, cells, tanh_cells
 
@@ -209,13 +211,15 @@ register_row_vmap(lstm_reference_backward, (1, 0, 0, 1, 1, 1, 1, 0, 0, None, Non
 
 def _fast_backward(grads, saved, inputs, outputs, options):
     gates_x, h0, c0, weight_hh, weight_hr, per_row = inputs
-    grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = lstm_reference_backward(
-        *grads, *saved, outputs[0], h0, c0, weight_hh, weight_hr, per_row, *options)
+    grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = \
+        torch.ops.lstmgru.lstm_reference_backward(*grads, *saved, outputs[0], h0, c0, weight_hh,
+                                                  weight_hr, per_row, *options)
     return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr if weight_hr is not None else None
 
 
-_LSTMRecurrence = recurrence_function("LSTMReferenceRecurrence", lstm_reference, _fast_backward,
-                                      spec.recurrence, num_inputs=6, num_outputs=3)
+_LSTMRecurrence = recurrence_function("LSTMReferenceRecurrence", "lstmgru::lstm_reference",
+                                      _fast_backward, spec.recurrence, num_inputs=6,
+                                      num_outputs=3)
 
 
 def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,

@@ -1,7 +1,9 @@
 """The LSTM on the fused Triton kernels (``lstmgru._kernels.lstm``): torch.library custom ops
-with fake implementations and autograd, so ``torch.compile`` traces through them and
-``torch.library.opcheck`` can check them. The kernels produce the gate gradients; the weight
-gradient is one GEMM over all steps here (no atomics: bit-identical run to run).
+with fake implementations inside one ``autograd.Function`` (``lstmgru._autograd``), so
+``torch.compile`` and ``torch.export`` keep them opaque, ``torch.func`` accepts them and a
+backward under ``create_graph`` is differentiable again. The kernels produce the gate
+gradients; the weight gradient is one GEMM over all steps here (no atomics: bit-identical run
+to run).
 
 Imported only when a kernel runs, so ``import lstmgru`` needs no triton.
 ``lstm_recurrence`` takes the arguments of ``reference.lstm_recurrence`` and returns its results.
@@ -13,7 +15,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
+from . import spec
 from ..._kernels import lstm as lstm_kernels
 
 
@@ -60,26 +64,28 @@ def _(grad_y, grad_h_n, grad_c_n, gates, cells, c0, weight_hh, lengths, reverse)
     return gates.new_empty(T, B, G), gates.new_empty(B, G // 4), gates.new_empty(B, G // 4)
 
 
-def _lstm_setup_context(ctx, inputs, output):
-    gates_x, h0, c0, weight_hh, lengths, reverse, training = inputs
-    y, _, _, gates, cells = output
-    ctx.save_for_backward(y, h0, c0, weight_hh, lengths, gates, cells)
-    ctx.reverse, ctx.training, ctx.gates_dtype = reverse, training, gates_x.dtype
+register_row_vmap(lstm_forward, (1, 0, 0, None, 0, None, None), (1, 0, 0, 1, 1))
+register_row_vmap(lstm_backward, (1, 0, 0, 1, 1, 0, None, 0, None), None)
 
 
-def _lstm_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    if not ctx.training:
-        raise RuntimeError("lstmgru: the LSTM kernel ran without saving for backward "
-                           "(training=False) but a gradient was requested")
-    y, h0, c0, weight_hh, lengths, gates, cells = ctx.saved_tensors
-    grad_gates, grad_h0, grad_c0 = lstm_backward(grad_y, grad_h_n, grad_c_n, gates, cells, c0,
-                                                 weight_hh, lengths, ctx.reverse)
-    grad_weight_hh = recurrent_weight_grad(grad_gates, previous_states(y, h0, lengths, ctx.reverse))
-    return (grad_gates.to(ctx.gates_dtype), grad_h0.to(h0.dtype), grad_c0.to(c0.dtype),
-            grad_weight_hh.to(weight_hh.dtype), None, None, None)
+def _fast_backward(grads, saved, inputs, outputs, options):
+    gates_x, h0, c0, weight_hh, per_row = inputs
+    (reverse,) = options
+    grad_gates, grad_h0, grad_c0 = torch.ops.lstmgru.lstm_backward(*grads, *saved, c0, weight_hh,
+                                                                   per_row, reverse)
+    grad_weight_hh = recurrent_weight_grad(grad_gates,
+                                           previous_states(outputs[0], h0, per_row, reverse))
+    return (grad_gates.to(gates_x.dtype), grad_h0.to(h0.dtype), grad_c0.to(c0.dtype),
+            grad_weight_hh.to(weight_hh.dtype))
 
 
-lstm_forward.register_autograd(_lstm_autograd, setup_context=_lstm_setup_context)
+def _spec(gates_x, h0, c0, weight_hh, per_row, reverse):
+    return spec.recurrence(gates_x, h0, c0, weight_hh, None, per_row, reverse)
+
+
+_LSTMKernelRecurrence = recurrence_function("LSTMKernelRecurrence",
+                                            "lstmgru::lstm_forward", _fast_backward,
+                                            _spec, num_inputs=5, num_outputs=3)
 
 
 def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
@@ -91,6 +97,6 @@ def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
         raise ValueError("the Triton LSTM kernels have no projection (weight_hr)")
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, c0, weight_hh)
-    y, h_n, c_n, _, _ = lstm_forward(gates_x.contiguous(), h0.contiguous(), c0.contiguous(),
-                                     weight_hh.contiguous(), per_row, reverse, training)
+    y, h_n, c_n, *_ = _LSTMKernelRecurrence.apply(gates_x, h0, c0, weight_hh, per_row, reverse,
+                                                  training)
     return y, h_n, c_n
