@@ -9,11 +9,12 @@ from importlib import metadata as _metadata
 
 from . import cells as _cells  # noqa: F401  (registers every cell's implementations)
 from .backends import get_backend, set_backend, use_backend
+from .convert import convert, to_torch
 from .keras import from_keras
 from .modules import GRU, LSTM, GRUCell, LSTMCell
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "from_keras", "get_backend", "set_backend",
-           "use_backend"]
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "convert", "to_torch", "from_keras",
+           "get_backend", "set_backend", "use_backend"]
 try:
     __version__ = _metadata.version("lstmgru")
 except _metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
