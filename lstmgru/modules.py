@@ -233,9 +233,9 @@ class _RNNBase(nn.Module):
     def _check_input(self, x: torch.Tensor, what: str = "input") -> None:
         weight = self.weight_ih_l0
         if x.dtype != weight.dtype and not (x.is_floating_point() and _autocast_on(x.device)):
-            raise ValueError(f"{self.mode}: {what} dtype ({x.dtype}) does not match weight dtype "
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
                              f"({weight.dtype}). Convert input: input.to({weight.dtype}), or "
-                             f"convert model: model.to({x.dtype})")
+                             f"convert model: model.to({x.dtype}) ({self.mode}: the {what})")
         if x.device != weight.device:
             raise RuntimeError(f"{self.mode}: {what} is on {x.device} but the weights are on "
                                f"{weight.device}; move one of them")
@@ -243,10 +243,16 @@ class _RNNBase(nn.Module):
             raise RuntimeError(f"{self.mode}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.shape[-1]}")
 
-    def _check_state(self, state: torch.Tensor, name: str, expected: tuple, x: torch.Tensor):
+    def _check_state(self, state: torch.Tensor, name: str, torch_name: str, expected: tuple,
+                     x: torch.Tensor, batched: bool):
         if _shape(state) != expected:
-            raise RuntimeError(f"{self.mode}: expected {name} of shape {expected} (num_layers * "
-                               f"num_directions, batch, size), got {_shape(state)}")
+            # torch.nn's wording first (user suites match on it); it states unbatched states
+            # with their batch dimension of 1.
+            shown, got = expected, list(state.shape)
+            if not batched:
+                shown, got = expected[:1] + (1,) + expected[1:], got[:1] + [1] + got[1:]
+            raise RuntimeError(f"Expected {torch_name} size {shown}, got {got} ({self.mode}: "
+                               f"{name} is (num_layers * num_directions, batch, size))")
         if state.dtype != x.dtype and not _autocast_on(x.device):
             raise RuntimeError(f"{self.mode}: {name} dtype ({state.dtype}) does not match input "
                                f"dtype ({x.dtype})")
@@ -259,6 +265,7 @@ class _RNNBase(nn.Module):
         """hx as a list of (L*D, B, size) tensors: [h_0] for the GRU, [h_0, c_0] for the LSTM."""
         directions = 2 if self.bidirectional else 1
         names = ["h_0", "c_0"] if self.mode == "LSTM" else ["h_0"]
+        torch_names = ["hidden[0]", "hidden[1]"] if self.mode == "LSTM" else ["hidden"]
         sizes = [self.proj_size or self.hidden_size, self.hidden_size][:len(names)]
         if hx is None:
             return [x.new_zeros(self.num_layers * directions, batch, size) for size in sizes]
@@ -276,12 +283,16 @@ class _RNNBase(nn.Module):
         dims = [s.dim() for s in states]
         if any(d != want_dim for d in dims):
             kind = "batched 3-D" if batched else "unbatched 2-D"
-            got = ", ".join(f"{d}-D" for d in dims)
-            raise RuntimeError(f"{self.mode}: for {kind} input, {' and '.join(names)} should also "
-                               f"be {want_dim}-D but got ({got}) tensors")
-        for state, name, size in zip(states, names, sizes):
+            if self.mode == "LSTM":
+                got = ", ".join(f"{d}-D" for d in dims)
+                wording = f"hx and cx should also be {want_dim}-D but got ({got}) tensors"
+            else:
+                wording = f"hx should also be {want_dim}-D but got {dims[0]}-D tensor"
+            raise RuntimeError(f"For {kind} input, {wording} ({self.mode}: "
+                               f"{' and '.join(names)})")
+        for state, name, torch_name, size in zip(states, names, torch_names, sizes):
             expected = (self.num_layers * directions,) + ((batch,) if batched else ()) + (size,)
-            self._check_state(state, name, expected, x)
+            self._check_state(state, name, torch_name, expected, x, batched)
         if not batched:
             states = [s.unsqueeze(1) for s in states]
         if sorted_indices is not None:
@@ -523,19 +534,23 @@ class _CellBase(nn.Module):
         if len(states) != len(names) or not all(isinstance(s, torch.Tensor) for s in states):
             wanted = "a tuple (hx, cx) of tensors" if len(names) > 1 else "a tensor"
             raise RuntimeError(f"{self.mode}: hx must be {wanted}, got {type(hx).__name__}")
-        for state, name in zip(states, names):
+        for index, (state, name) in enumerate(zip(states, names)):
+            # torch.nn's names for the states in its messages
+            rank_name = f"hx[{index}]" if len(names) > 1 else "hidden"
+            hidden_name = f"hidden{index}"
             if state.dim() not in (1, 2):
-                raise ValueError(f"{self.mode}: Expected {name} to be 1D or 2D, got "
-                                 f"{state.dim()}D instead")
+                raise ValueError(f"{self.mode}: Expected {rank_name} to be 1D or 2D, got "
+                                 f"{state.dim()}D instead ({name})")
             if state.dim() != input.dim():
                 raise RuntimeError(f"{self.mode}: {name} must be {input.dim()}-D like the input, "
                                    f"got {state.dim()}-D of shape {_shape(state)}")
             if batched and state.shape[0] != x.shape[0]:
-                raise RuntimeError(f"{self.mode}: Input batch size {x.shape[0]} doesn't match "
-                                   f"{name} batch size {state.shape[0]}")
+                raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match {hidden_name} "
+                                   f"batch size {state.shape[0]} ({self.mode}: {name})")
             if state.shape[-1] != self.hidden_size:
-                raise RuntimeError(f"{self.mode}: {name} has inconsistent hidden_size: got "
-                                   f"{state.shape[-1]}, expected {self.hidden_size}")
+                raise RuntimeError(f"{hidden_name} has inconsistent hidden_size: got "
+                                   f"{state.shape[-1]}, expected {self.hidden_size} "
+                                   f"({self.mode}: {name})")
             if state.dtype != input.dtype and not autocast:
                 raise RuntimeError(f"{self.mode}: {name} dtype ({state.dtype}) does not match "
                                    f"input dtype ({input.dtype})")
