@@ -1,0 +1,633 @@
+"""Split-hidden, weight-stationary persistent kernels for the LSTM and GRU recurrences.
+
+Same launchers, arguments and results as ``lstm.py`` and ``gru.py`` (the glue can swap them);
+what differs is how the work is spread over the GPU. The batch-tiled kernels give one program
+16 batch rows and all hidden units, so at a small batch one SM re-reads all of weight_hh from L2
+every step. Here the hidden units are split instead.
+
+Layout (``split_plan``). P = groups x slices programs, all co-resident (P <= SM count). Program
+``pid`` serves batch group ``pid // slices`` (BLOCK_B rows) and hidden slice ``pid % slices``
+(BLOCK_J units j0 .. j0 + BLOCK_J - 1) with ALL of their gates: weight_hh rows q*H + j for every
+gate q. So the cell state and the gate math stay inside the program. Before the time loop each
+program loads its slice of weight_hh once into registers and keeps it for all T steps
+(forward: the rows of its units, (gates * BLOCK_J, H); backward: the columns of its units,
+(gates * H, BLOCK_J), because dL/dh_{t-1}[j] = sum_r dgates[r] * weight_hh[r, j]).
+
+Exchange. A step's product needs the whole h_{t-1} (forward) or all gate gradients (backward)
+of the group's rows, which the other programs of the group produced. Values go through global
+memory in fp32: the forward's h through a two-slot ring buffer indexed by step parity, the
+backward's gate gradients through its grad_gates output itself (a distinct slice per step).
+
+Sync (dataflow, no counting barrier). Every program owns a monotone epoch flag, an int32 on its
+own 128-byte line, counting the values it has published in this launch (flags are a fresh
+zeroed tensor per launch, so nothing is ever reset). Producer: store its slice,
+``tl.debug_barrier()`` (all warps' stores are issued before the flag moves), then one release
+atomic add. Consumer: poll the flags of every program in its group with acquire atomics (never a
+plain load, which the compiler may hoist out of the loop) until all reach the epoch it needs,
+then ``tl.debug_barrier()`` so every warp reads after the acquire. Two ring slots suffice: a
+program overwrites a slot only after every program of its group has published the following
+value, which each does only after reading that slot. Every wait is bounded: after ``max_spins``
+polls the program records the step in an error word, stops waiting for the rest of the launch
+(so the launch ends instead of hanging the process) and the launcher raises RuntimeError.
+
+Phases per step (each is one publish + one wait): LSTM forward and backward, GRU with
+reset_after=True: one. The original GRU (reset_after=False) needs two in both directions,
+because its candidate product reads r*h_{t-1} of all units (forward) and the r gradient needs
+the n-gate gradients of all units (backward); each phase depends on the previous one, so no
+reordering saves the second sync (exchanging r instead of r*h costs the same).
+
+Products: fp16/bf16 operands on tensor cores (tl.dot, fp32 accumulator) when the batch tile has
+at least 16 rows, else broadcast-multiply-and-sum on the CUDA cores (tl.dot cannot take fewer than
+16 rows; padding 1 row to 16 would waste 16x). Either way the exchanged fp32 operand is rounded
+to the weights' dtype first, so both paths compute the same thing. State and accumulators fp32.
+
+Lengths: row b is active at time t iff t < lengths[b]; an inactive row keeps its state and
+outputs 0 in both directions, so a reversed row starts at t = lengths[b] - 1 from (h0, c0).
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._math import sigmoid, tanh
+
+# Stand-in SM count where there is no CUDA device (the interpreter): an H100's.
+_DEFAULT_SMS = 132
+# int32 flags one 128-byte line apart, so no two programs' flags share a cache line.
+_FLAG_STRIDE = 32
+# Polls before a wait gives up. One poll is an L2 round trip (around a microsecond on an H100),
+# so this is about a second of GPU time, far beyond any healthy step.
+_MAX_SPINS = 1 << 20
+# Per-program register budget for the stationary weight slice, and for the exchanged operand
+# tile of the tensor-core path (elements of BLOCK_B x padded H). An SM has 256 KB of registers.
+_WEIGHT_BYTES = 128 * 1024
+_TILE_ELEMS = 16 * 1024
+
+
+class SplitPlan(NamedTuple):
+    programs: int     # P = groups * slices, all co-resident
+    groups: int       # batch groups; a group's programs sync only among themselves
+    slices: int       # programs per group, each owning block_j hidden units
+    block_j: int      # hidden units per program (with all their gates)
+    block_b: int      # batch rows per group
+    block_k: int      # the hidden size padded to a power of two (the reduction, held whole)
+    num_warps: int
+    use_dot: bool     # tensor-core products (block_b >= 16) or CUDA-core multiply-and-sum
+
+
+def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None, f"the split kernels support float32, float16 and bfloat16, not {dtype}"
+    if H < 1:
+        return None, "hidden size must be at least 1"
+    if gates * H * max(H, B) >= 2**31:
+        return None, f"batch {B} x hidden {H} is too large (int32 offsets within a step)"
+    block_k = max(16, triton.next_power_of_2(H))
+    # Up to 8 rows: multiply-and-sum over the real rows. From 9 rows on, a 16-row tensor-core
+    # tile wastes at most half of itself, and wider tiles keep the grid within one wave.
+    use_dot = B > 8
+    candidates = [16, 32, 64] if use_dot else [triton.next_power_of_2(max(B, 1))]
+    # tl.dot needs N >= 16, and the backward's product has N = block_j; the CUDA-core path
+    # keeps at least 8 units per program so its stores stay vectorised.
+    min_j = 16 if use_dot else 8
+    reason = None
+    for block_b in candidates:
+        groups = triton.cdiv(max(B, 1), block_b)
+        per_group = num_sms // groups
+        if per_group < 1:
+            reason = f"{groups} batch groups of {block_b} rows exceed {num_sms} SMs"
+            continue
+        if block_j is None:
+            block_j = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
+        slices = triton.cdiv(H, block_j)
+        if groups * slices > num_sms:
+            reason = f"{groups} x {slices} programs exceed {num_sms} SMs"
+            continue
+        weight_bytes = gates * block_j * block_k * dtype.itemsize
+        if weight_bytes > _WEIGHT_BYTES:
+            reason = (f"a weight slice of {weight_bytes // 1024} KB per program "
+                      f"(> {_WEIGHT_BYTES // 1024} KB of registers)")
+            continue
+        if use_dot and block_b * block_k > _TILE_ELEMS:
+            reason = f"an operand tile of {block_b} x {block_k} is too large for registers"
+            continue
+        num_warps = 8 if weight_bytes > 32 * 1024 else 4
+        return SplitPlan(groups * slices, groups, slices, block_j, block_b, block_k,
+                         num_warps, use_dot), None
+    return None, f"no split layout for batch {B}, hidden {H}, {dtype}: {reason}"
+
+
+def split_plan(B: int, H: int, dtype: torch.dtype, num_sms: int, cell: str = "lstm",
+               block_j: Optional[int] = None) -> SplitPlan:
+    """The layout the launchers use for batch B, hidden size H and ``num_sms`` SMs.
+
+    The slice is as narrow as the SM count allows (more SMs share each step's product), but at
+    least 16 units on the tensor-core path and 8 otherwise; ``block_j`` forces another width (a
+    power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
+    (see ``supports``)."""
+    if block_j is not None and (block_j < 1 or block_j & (block_j - 1)):
+        raise ValueError(f"block_j must be a power of two, got {block_j}")
+    plan, reason = _plan_or_reason(B, H, dtype, num_sms, _GATES[cell], block_j)
+    if plan is None:
+        raise ValueError(reason)
+    return plan
+
+
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(B: int, H: int, dtype: torch.dtype, device, cell: str = "lstm") -> Optional[str]:
+    """None if the split kernels can run this case, else the reason they cannot."""
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"the split kernels run on CUDA devices (or in Triton's interpreter), not {device}"
+    return _plan_or_reason(B, H, dtype, _num_sms(device), _GATES[cell])[1]
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks: synchronisation, stationary weights, products
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _publish(flag_ptr, pid, FLAG_STRIDE: tl.constexpr):
+    """Announce one more published value of this program (its stores precede the flag)."""
+    # Every warp's stores are issued before the single release below, which then orders them
+    # before the flag for the other programs.
+    tl.debug_barrier()
+    tl.atomic_add(flag_ptr + pid * FLAG_STRIDE, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(flag_ptr, first, count, target, spins_left, err_ptr, err_code,
+          FLAG_STRIDE: tl.constexpr, COUNT_PAD: tl.constexpr):
+    """Poll the flags of programs first .. first + count - 1 until all are >= target.
+
+    Returns the poll budget for the next wait: unchanged after success, 0 after a timeout (the
+    error word then holds err_code, and later waits of this launch fall straight through)."""
+    idx = tl.arange(0, COUNT_PAD)
+    ok = idx < count
+    ptrs = flag_ptr + (first + idx) * FLAG_STRIDE
+    # An acquire atomic, not a plain load: a load spin may be hoisted out of the loop.
+    seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
+                           target), axis=0)
+    spins = 0
+    while (seen < target) & (spins < spins_left):
+        seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
+                               target), axis=0)
+        spins += 1
+    if seen < target:
+        tl.atomic_max(err_ptr, err_code)
+        spins_left = 0
+    # Other warps read the exchanged data only after this warp's acquire.
+    tl.debug_barrier()
+    return spins_left
+
+
+@triton.jit
+def _weight_rows(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k].
+
+    The forward's stationary slice: the rows of this program's units for NQ consecutive gates."""
+    r = tl.arange(0, NQ * BLOCK_J)
+    unit = j0 + r % BLOCK_J
+    ks = tl.arange(0, BLOCK_K)
+    rows = (q0 + r // BLOCK_J) * H + unit
+    mask = (unit < H)[:, None] & (ks < H)[None, :]
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * H + ks[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _weight_cols(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """(NQ * BLOCK_K, BLOCK_J) with [q * BLOCK_K + k, j] = weight[(q0 + q) * H + k, j0 + j].
+
+    The backward's stationary slice: the columns of this program's units, NQ gates deep."""
+    r = tl.arange(0, NQ * BLOCK_K)
+    k = r % BLOCK_K
+    units = j0 + tl.arange(0, BLOCK_J)
+    rows = (q0 + r // BLOCK_K) * H + k
+    mask = (k < H)[:, None] & (units < H)[None, :]
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * H + units[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gate_cols(q0, H, NQ: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns of a (., gates * H) row laid out like _weight_cols' rows, and their mask."""
+    r = tl.arange(0, NQ * BLOCK_K)
+    k = r % BLOCK_K
+    return (q0 + r // BLOCK_K) * H + k, k < H
+
+
+@triton.jit
+def _times_w_t(a_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w^T for the stationary w (N, K).
+
+    A is fp32 in global memory (exchanged values); it is rounded to w's dtype first."""
+    N: tl.constexpr = w.shape[0]
+    b = tl.arange(0, BLOCK_B)
+    if USE_DOT:
+        rows = row0 + b
+        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :],
+                    mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_B, N), tl.float32)
+        for i in tl.static_range(BLOCK_B):
+            a = tl.load(a_ptr + (row0 + i) * stride + cols,
+                        mask=tl.where(row0 + i < B, cols_ok, False), other=0.0)
+            a = a.to(w.dtype).to(tl.float32)
+            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :],
+                           acc)
+    return acc
+
+
+@triton.jit
+def _times_w(a_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w for the stationary w (K, N); as _times_w_t."""
+    N: tl.constexpr = w.shape[1]
+    b = tl.arange(0, BLOCK_B)
+    if USE_DOT:
+        rows = row0 + b
+        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :],
+                    mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_B, N), tl.float32)
+        for i in tl.static_range(BLOCK_B):
+            a = tl.load(a_ptr + (row0 + i) * stride + cols,
+                        mask=tl.where(row0 + i < B, cols_ok, False), other=0.0)
+            a = a.to(w.dtype).to(tl.float32)
+            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a[:, None], axis=0)[None, :],
+                           acc)
+    return acc
+
+
+@triton.jit
+def _split2(x, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(BLOCK_B, 2 * BLOCK_J) with gate-major columns -> two (BLOCK_B, BLOCK_J) gates."""
+    x = tl.permute(tl.reshape(x, (BLOCK_B, 2, BLOCK_J)), (0, 2, 1))
+    return tl.split(x)
+
+
+@triton.jit
+def _split4(x, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr):
+    """(BLOCK_B, 4 * BLOCK_J) with gate-major columns -> four (BLOCK_B, BLOCK_J) gates."""
+    # Gate q = 2 * hi + lo; tl.split takes the last (size-2) axis, so move hi and lo there.
+    x = tl.permute(tl.reshape(x, (BLOCK_B, 2, 2, BLOCK_J)), (0, 3, 1, 2))
+    lo0, lo1 = tl.split(x)
+    g0, g2 = tl.split(lo0)
+    g1, g3 = tl.split(lo1)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _load_or_zeros(ptr, offs, mask, HAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_J: tl.constexpr):
+    if HAS:
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# LSTM
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "max_spins"])
+def _lstm_fwd_kernel(
+    gx_ptr, h0_ptr, c0_ptr, w_ptr, len_ptr,          # inputs
+    y_ptr, hn_ptr, cn_ptr, act_ptr, c_seq_ptr,        # outputs (act, c_seq only when TRAINING)
+    ring_ptr, flag_ptr, err_ptr,                     # exchange and sync
+    T, B, H, max_spins,
+    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr, TRAINING: tl.constexpr, USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = (pid // SLICES) * SLICES           # the first program of this batch group
+    row0 = (pid // SLICES) * BLOCK_B
+    j0 = (pid % SLICES) * BLOCK_J
+    rows = row0 + tl.arange(0, BLOCK_B)
+    units = j0 + tl.arange(0, BLOCK_J)
+    mask = (rows < B)[:, None] & (units < H)[None, :]
+    st = rows[:, None] * H + units[None, :]            # own slice of a (B, H) tensor
+    g_off = rows[:, None] * (4 * H) + units[None, :]   # own slice of gate i in a (B, 4H) row
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
+    h_cols, h_cols_ok = _gate_cols(0, H, 1, BLOCK_K)
+
+    # Loaded once, used in every step: gates i, f, g, o of this program's units.
+    w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+    # The own slice of the state never leaves the program: h for the kept state of inactive
+    # rows, c entirely.
+    h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
+    c = _load_or_zeros(c0_ptr, st, mask, HAS_C0, BLOCK_B, BLOCK_J)
+    tl.store(ring_ptr + st, h, mask=mask)
+    _publish(flag_ptr, pid, FLAG_STRIDE)
+    spins = max_spins
+
+    for s in range(0, T):
+        t = T - 1 - s if REVERSE else s
+        t64 = t.to(tl.int64)
+        # h_{t-1} of all units of the group is published once every flag reaches s + 1.
+        spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
+                      SLICES_PAD)
+        acc = _times_w_t(ring_ptr + (s % 2) * B * H, H, row0, B, h_cols, h_cols_ok, w,
+                         USE_DOT, PRECISION, BLOCK_B)
+        p_i, p_f, p_g, p_o = _split4(acc, BLOCK_B, BLOCK_J)
+        gx_t = gx_ptr + t64 * (4 * B * H) + g_off
+        i = sigmoid(p_i + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
+        f = sigmoid(p_f + tl.load(gx_t + H, mask=mask, other=0.0).to(tl.float32))
+        g = tanh(p_g + tl.load(gx_t + 2 * H, mask=mask, other=0.0).to(tl.float32))
+        o = sigmoid(p_o + tl.load(gx_t + 3 * H, mask=mask, other=0.0).to(tl.float32))
+        c_new = f * c + i * g
+        h_new = o * tanh(c_new)
+        out = h_new
+        if HAS_LENGTHS:
+            active = (t < lens)[:, None]
+            c_new = tl.where(active, c_new, c)
+            h_new = tl.where(active, h_new, h)
+            out = tl.where(active, out, 0.0)
+            i = tl.where(active, i, 0.0)
+            f = tl.where(active, f, 0.0)
+            g = tl.where(active, g, 0.0)
+            o = tl.where(active, o, 0.0)
+        c = c_new
+        h = h_new
+        tl.store(ring_ptr + ((s + 1) % 2) * B * H + st, h, mask=mask)
+        _publish(flag_ptr, pid, FLAG_STRIDE)
+        tl.store(y_ptr + t64 * (B * H) + st, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if TRAINING:
+            act_t = act_ptr + t64 * (4 * B * H) + g_off
+            tl.store(act_t, i, mask=mask)
+            tl.store(act_t + H, f, mask=mask)
+            tl.store(act_t + 2 * H, g, mask=mask)
+            tl.store(act_t + 3 * H, o, mask=mask)
+            # The kept state at inactive positions too: a reversed row's first active step
+            # reads its c_prev from the following (inactive) time step.
+            tl.store(c_seq_ptr + t64 * (B * H) + st, c, mask=mask)
+
+    tl.store(hn_ptr + st, h.to(hn_ptr.dtype.element_ty), mask=mask)
+    tl.store(cn_ptr + st, c.to(cn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "max_spins"])
+def _lstm_bwd_kernel(
+    gy_ptr, ghn_ptr, gcn_ptr, act_ptr, c_seq_ptr, c0_ptr, w_ptr, len_ptr,   # inputs
+    dgx_ptr, dh0_ptr, dc0_ptr,                                            # fp32 outputs
+    flag_ptr, err_ptr,
+    T, B, H, max_spins,
+    HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = (pid // SLICES) * SLICES
+    row0 = (pid // SLICES) * BLOCK_B
+    j0 = (pid % SLICES) * BLOCK_J
+    rows = row0 + tl.arange(0, BLOCK_B)
+    units = j0 + tl.arange(0, BLOCK_J)
+    mask = (rows < B)[:, None] & (units < H)[None, :]
+    st = rows[:, None] * H + units[None, :]
+    g_off = rows[:, None] * (4 * H) + units[None, :]
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
+    da_cols, da_cols_ok = _gate_cols(0, H, 4, BLOCK_K)
+
+    # dL/dh_{t-1}[j] = sum over all 4H gate rows r of dgates[r] * weight_hh[r, j]: the columns
+    # of this program's units, loaded once.
+    wt = _weight_cols(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+    # dL/dh and dL/dc of the own units flowing backwards; after the last step they are the
+    # gradients of h0 and c0.
+    dh = _load_or_zeros(ghn_ptr, st, mask, HAS_GHN, BLOCK_B, BLOCK_J)
+    dc = _load_or_zeros(gcn_ptr, st, mask, HAS_GCN, BLOCK_B, BLOCK_J)
+    spins = max_spins
+
+    for s in range(0, T):
+        # Undo the forward's steps last to first; its first step (s == T - 1 here) started
+        # from c0 rather than from a saved c.
+        t = s if REVERSE else T - 1 - s
+        t_prev = t + 1 if REVERSE else t - 1
+        t64 = t.to(tl.int64)
+        act_t = act_ptr + t64 * (4 * B * H) + g_off
+        i = tl.load(act_t, mask=mask, other=0.0)
+        f = tl.load(act_t + H, mask=mask, other=0.0)
+        g = tl.load(act_t + 2 * H, mask=mask, other=0.0)
+        o = tl.load(act_t + 3 * H, mask=mask, other=0.0)
+        c = tl.load(c_seq_ptr + t64 * (B * H) + st, mask=mask, other=0.0)
+        # tl.where, not `mask & (s < T - 1)`: triton 3.9's interpreter turns a bool tensor &
+        # a bool scalar into integers, which tl.load rejects as a mask.
+        c_prev = tl.load(c_seq_ptr + t_prev.to(tl.int64) * (B * H) + st,
+                         mask=tl.where(s < T - 1, mask, False), other=0.0)
+        if HAS_C0:
+            c_prev += tl.load(c0_ptr + st, mask=tl.where(s == T - 1, mask, False),
+                              other=0.0).to(tl.float32)
+        dh_t = dh
+        if HAS_GY:
+            # Added for inactive rows too: their gate gradients are zeroed below and the
+            # carried dh is kept as it was.
+            dh_t += tl.load(gy_ptr + t64 * (B * H) + st, mask=mask, other=0.0).to(tl.float32)
+        tc = tanh(c)
+        dc_t = dc + dh_t * o * (1.0 - tc * tc)
+        da_i = dc_t * g * i * (1.0 - i)
+        da_f = dc_t * c_prev * f * (1.0 - f)
+        da_g = dc_t * i * (1.0 - g * g)
+        da_o = dh_t * tc * o * (1.0 - o)
+        dc_t = dc_t * f
+        if HAS_LENGTHS:
+            active = (t < lens)[:, None]
+            da_i = tl.where(active, da_i, 0.0)
+            da_f = tl.where(active, da_f, 0.0)
+            da_g = tl.where(active, da_g, 0.0)
+            da_o = tl.where(active, da_o, 0.0)
+            dc_t = tl.where(active, dc_t, dc)
+        dc = dc_t
+        # The gate gradients are both an output and the exchanged operand: the other programs
+        # of the group read this step's row of dgx once every flag reaches s + 1.
+        dgx_t = dgx_ptr + t64 * (4 * B * H)
+        tl.store(dgx_t + g_off, da_i, mask=mask)
+        tl.store(dgx_t + g_off + H, da_f, mask=mask)
+        tl.store(dgx_t + g_off + 2 * H, da_g, mask=mask)
+        tl.store(dgx_t + g_off + 3 * H, da_o, mask=mask)
+        _publish(flag_ptr, pid, FLAG_STRIDE)
+        spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
+                      SLICES_PAD)
+        acc = _times_w(dgx_t, 4 * H, row0, B, da_cols, da_cols_ok, wt, USE_DOT, PRECISION,
+                       BLOCK_B)
+        if HAS_LENGTHS:
+            # An inactive step passed h through unchanged, and so does its gradient.
+            acc = tl.where(active, acc, dh)
+        dh = acc
+
+    tl.store(dh0_ptr + st, dh, mask=mask)
+    tl.store(dc0_ptr + st, dc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+def _check(name, tensor, shape, dtype, device):
+    if tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+        raise ValueError(
+            f"{name}: expected {tuple(shape)} {dtype} on {device}, "
+            f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_lengths(lengths, B, device):
+    if lengths is not None:
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
+        _check("lengths", lengths, (B,), lengths.dtype, device)
+
+
+def _dense(grad, name, shape, device):
+    # Autograd may hand over strided or expanded gradients (e.g. from y.sum()); the kernels
+    # index them as dense tensors.
+    if grad is None:
+        return None
+    grad = grad.contiguous()
+    _check(name, grad, shape, grad.dtype, device)
+    return grad
+
+
+def _resolve_plan(B, H, dtype, device, cell, plan):
+    if plan is not None:
+        covers = (plan.programs == plan.groups * plan.slices and plan.block_k >= H
+                  and plan.groups * plan.block_b >= B and plan.slices * plan.block_j >= H)
+        if not covers:
+            raise ValueError(f"{plan} does not cover batch {B} x hidden {H}")
+        return plan
+    reason = supports(B, H, dtype, device, cell)
+    if reason is not None:
+        raise ValueError(f"split {cell.upper()} kernels: {reason}")
+    return split_plan(B, H, dtype, _num_sms(device), cell)
+
+
+def _precision(dtype):
+    # Exact fp32 products unless the user allowed TF32 (as for cuDNN); fp16/bf16 ignore it.
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _run(kernel, plan, what, device, tensors, scalars, **meta):
+    """One launch of P co-resident programs with fresh flags; raises if a wait timed out.
+
+    The kernel's arguments are ``*tensors, flags, error word, *scalars, max_spins``."""
+    flags = torch.zeros((plan.programs, _FLAG_STRIDE), device=device, dtype=torch.int32)
+    err = torch.zeros((1,), device=device, dtype=torch.int32)
+    if device.type == "cuda":
+        # The driver refuses a grid that cannot be co-resident instead of deadlocking in it.
+        meta["launch_cooperative_grid"] = True
+    _launch.launch(
+        kernel, (plan.programs,), *tensors, flags, err, *scalars, _MAX_SPINS,
+        SLICES=plan.slices, SLICES_PAD=triton.next_power_of_2(plan.slices),
+        FLAG_STRIDE=_FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
+        BLOCK_J=plan.block_j, BLOCK_K=plan.block_k, num_warps=plan.num_warps, num_stages=1,
+        **meta,
+    )
+    step = int(err.item())
+    if step:
+        raise RuntimeError(
+            f"split {what}: a program waited more than {_MAX_SPINS} polls for the other programs "
+            f"of its batch group (sync phase {step}; P={plan.programs} programs, grid "
+            f"({plan.programs},), {plan.groups} group(s) of {plan.slices}); the programs were "
+            f"probably not all resident at once")
+
+
+def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool, *,
+                 plan: Optional[SplitPlan] = None):
+    """Run the LSTM recurrence over all T steps in one launch; contract of lstm.lstm_forward.
+
+    gates_x (T, B, 4H) contiguous fp32/fp16/bf16; h0, c0 (B, H) or None; weight_hh (4H, H);
+    lengths None or int (B,); reverse. Returns (y, h_n, c_n, saved) with saved None unless
+    ``training``, else fp32 (gates (T, B, 4H) = activations i, f, g, o, 0 where inactive,
+    c_seq (T, B, H) = the cell state after every step, kept where inactive): the same tensors
+    as the batch-tiled kernels save, so either backward can follow either forward.
+    ``plan`` overrides the layout (tests, benchmarks); by default ``split_plan`` picks it.
+    """
+    T, B, G = gates_x.shape
+    H = G // 4
+    device, dtype = gates_x.device, gates_x.dtype
+    if G != 4 * H or not gates_x.is_contiguous():
+        raise ValueError(f"gates_x must be a contiguous (T, B, 4H) tensor, got {gates_x.shape}")
+    _check("weight_hh", weight_hh, (4 * H, H), dtype, device)
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is not None:
+            _check(name, state, (B, H), dtype, device)
+    _check_lengths(lengths, B, device)
+
+    y = torch.empty((T, B, H), device=device, dtype=dtype)
+    h_n = torch.empty((B, H), device=device, dtype=dtype)
+    c_n = torch.empty((B, H), device=device, dtype=dtype)
+    saved = None
+    if training:
+        saved = (torch.empty((T, B, 4 * H), device=device, dtype=torch.float32),
+                 torch.empty((T, B, H), device=device, dtype=torch.float32))
+    if B == 0:
+        return y, h_n, c_n, saved
+    plan = _resolve_plan(B, H, dtype, device, "lstm", plan)
+    ring = torch.empty((2, B, H), device=device, dtype=torch.float32)
+    act, c_seq = saved if training else (None, None)
+    _run(_lstm_fwd_kernel, plan, "LSTM forward", device,
+         (gates_x, h0, c0, weight_hh, lengths, y, h_n, c_n, act, c_seq, ring), (T, B, H),
+         HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+         REVERSE=bool(reverse), TRAINING=bool(training), PRECISION=_precision(dtype))
+    return y, h_n, c_n, saved
+
+
+def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengths,
+                  reverse: bool, *, plan: Optional[SplitPlan] = None):
+    """Reverse recurrence of ``lstm_forward`` in one launch; contract of lstm.lstm_backward.
+
+    grad_y (T, B, H), grad_h_n, grad_c_n (B, H): any dtype and strides, any may be None.
+    y and h0 are not read (the caller needs them for grad(weight_hh)). Returns fp32
+    (grad_gates_x (T, B, 4H), 0 where inactive, grad_h0 (B, H), grad_c0 (B, H)).
+    """
+    act, c_seq = saved
+    T, B, G = act.shape
+    H = G // 4
+    device, dtype = act.device, weight_hh.dtype
+    _check("weight_hh", weight_hh, (4 * H, H), dtype, device)
+    if c0 is not None:
+        _check("c0", c0, (B, H), dtype, device)
+    _check_lengths(lengths, B, device)
+    grad_y = _dense(grad_y, "grad_y", (T, B, H), device)
+    grad_h_n = _dense(grad_h_n, "grad_h_n", (B, H), device)
+    grad_c_n = _dense(grad_c_n, "grad_c_n", (B, H), device)
+
+    grad_gates_x = torch.empty((T, B, 4 * H), device=device, dtype=torch.float32)
+    grad_h0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    grad_c0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    if B == 0:
+        return grad_gates_x, grad_h0, grad_c0
+    plan = _resolve_plan(B, H, dtype, device, "lstm", plan)
+    _run(_lstm_bwd_kernel, plan, "LSTM backward", device,
+         (grad_y, grad_h_n, grad_c_n, act, c_seq, c0, weight_hh, lengths,
+          grad_gates_x, grad_h0, grad_c0), (T, B, H),
+         HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
+         HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+         PRECISION=_precision(dtype))
+    return grad_gates_x, grad_h0, grad_c0
