@@ -232,27 +232,35 @@ def _gate_cols(q0, H, NQ: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _times_w_t(a_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w^T for the stationary w (N, K).
+def _times_w_t(a_ptr, stride, row0, B, cols, cols_ok, w, w2, HAS_W2: tl.constexpr,
+               USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w^T for the stationary w (N, K), and the same
+    with w2 (N2, K) when HAS_W2 (the operand is then read once for both products).
 
     A is fp32 in global memory (exchanged values); it is rounded to w's dtype first."""
     N: tl.constexpr = w.shape[0]
+    N2: tl.constexpr = w2.shape[0]
     b = tl.arange(0, BLOCK_B)
     if USE_DOT:
         rows = row0 + b
         a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :],
-                    mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+                    mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0).to(w.dtype)
+        acc = tl.dot(a, tl.trans(w), input_precision=PRECISION)
+        acc2 = acc
+        if HAS_W2:
+            acc2 = tl.dot(a, tl.trans(w2), input_precision=PRECISION)
     else:
         acc = tl.zeros((BLOCK_B, N), tl.float32)
+        acc2 = tl.zeros((BLOCK_B, N2), tl.float32)
         for i in tl.static_range(BLOCK_B):
             a = tl.load(a_ptr + (row0 + i) * stride + cols,
                         mask=tl.where(row0 + i < B, cols_ok, False), other=0.0)
-            a = a.to(w.dtype).to(tl.float32)
-            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :],
-                           acc)
-    return acc
+            a = a.to(w.dtype).to(tl.float32)[None, :]
+            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a, axis=1)[None, :], acc)
+            if HAS_W2:
+                acc2 = tl.where(b[:, None] == i, tl.sum(w2.to(tl.float32) * a, axis=1)[None, :],
+                                acc2)
+    return acc, acc2
 
 
 @triton.jit
@@ -349,8 +357,8 @@ def _lstm_fwd_kernel(
         # h_{t-1} of all units of the group is published once every flag reaches s + 1.
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                       SLICES_PAD)
-        acc = _times_w_t(ring_ptr + (s % 2) * B * H, H, row0, B, h_cols, h_cols_ok, w,
-                         USE_DOT, PRECISION, BLOCK_B)
+        acc, _ = _times_w_t(ring_ptr + (s % 2) * B * H, H, row0, B, h_cols, h_cols_ok, w, w,
+                            False, USE_DOT, PRECISION, BLOCK_B)
         p_i, p_f, p_g, p_o = _split4(acc, BLOCK_B, BLOCK_J)
         gx_t = gx_ptr + t64 * (4 * B * H) + g_off
         i = sigmoid(p_i + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
@@ -480,6 +488,215 @@ def _lstm_bwd_kernel(
 
     tl.store(dh0_ptr + st, dh, mask=mask)
     tl.store(dc0_ptr + st, dc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# GRU (gates r, z, n)
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "max_spins"])
+def _gru_fwd_kernel(
+    gx_ptr, h0_ptr, w_ptr, bhn_ptr, len_ptr,          # inputs
+    y_ptr, hn_ptr, gates_ptr, ghn_ptr,                # outputs (gates, ghn only when TRAINING)
+    ring_ptr, rh_ptr, flag_ptr, err_ptr,              # exchange and sync
+    T, B, H, max_spins,
+    HAS_H0: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
+    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = (pid // SLICES) * SLICES
+    row0 = (pid // SLICES) * BLOCK_B
+    j0 = (pid % SLICES) * BLOCK_J
+    rows = row0 + tl.arange(0, BLOCK_B)
+    units = j0 + tl.arange(0, BLOCK_J)
+    mask = (rows < B)[:, None] & (units < H)[None, :]
+    st = rows[:, None] * H + units[None, :]
+    g_off = rows[:, None] * (3 * H) + units[None, :]
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
+    h_cols, h_cols_ok = _gate_cols(0, H, 1, BLOCK_K)
+
+    # Loaded once: the r and z rows of this program's units together (one product), n apart
+    # (reset_after=False multiplies it with r * h instead of h).
+    w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
+    w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+    if HAS_BHN:
+        b_n = tl.load(bhn_ptr + units, mask=units < H, other=0.0).to(tl.float32)[None, :]
+    h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
+    tl.store(ring_ptr + st, h, mask=mask)
+    _publish(flag_ptr, pid, FLAG_STRIDE)
+    spins = max_spins
+
+    for s in range(0, T):
+        t = T - 1 - s if REVERSE else s
+        t64 = t.to(tl.int64)
+        # Epochs: reset_after publishes h once per step; the original GRU publishes r * h_{t-1}
+        # and then h_t, so its step s starts at epoch 2s + 1.
+        if RESET_AFTER:
+            epoch = s + 1
+        else:
+            epoch = 2 * s + 1
+        spins = _wait(flag_ptr, first, SLICES, epoch, spins, err_ptr, epoch, FLAG_STRIDE,
+                      SLICES_PAD)
+        h_all = ring_ptr + (s % 2) * B * H
+        acc_rz, gh_n = _times_w_t(h_all, H, row0, B, h_cols, h_cols_ok, w_rz, w_n, RESET_AFTER,
+                                  USE_DOT, PRECISION, BLOCK_B)
+        p_r, p_z = _split2(acc_rz, BLOCK_B, BLOCK_J)
+        gx_t = gx_ptr + t64 * (3 * B * H) + g_off
+        r = sigmoid(p_r + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
+        z = sigmoid(p_z + tl.load(gx_t + H, mask=mask, other=0.0).to(tl.float32))
+        x_n = tl.load(gx_t + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        if RESET_AFTER:
+            if HAS_BHN:
+                gh_n += b_n
+            n = tanh(x_n + r * gh_n)
+        else:
+            # The candidate's product reduces over r * h_{t-1} of every unit: a second exchange.
+            # One buffer suffices: it is rewritten only after every program published h_t.
+            tl.store(rh_ptr + st, r * h, mask=mask)
+            _publish(flag_ptr, pid, FLAG_STRIDE)
+            spins = _wait(flag_ptr, first, SLICES, epoch + 1, spins, err_ptr, epoch + 1,
+                          FLAG_STRIDE, SLICES_PAD)
+            gh_n, _ = _times_w_t(rh_ptr, H, row0, B, h_cols, h_cols_ok, w_n, w_n, False,
+                                 USE_DOT, PRECISION, BLOCK_B)
+            n = tanh(x_n + gh_n)
+        h_new = (1.0 - z) * n + z * h
+        out = h_new
+        if HAS_LENGTHS:
+            active = (t < lens)[:, None]
+            h_new = tl.where(active, h_new, h)
+            out = tl.where(active, out, 0.0)
+            # Zeros at inactive positions: the caller multiplies saved r into a GEMM, where
+            # uninitialised memory (possibly NaN) would poison 0 * NaN.
+            r = tl.where(active, r, 0.0)
+            z = tl.where(active, z, 0.0)
+            n = tl.where(active, n, 0.0)
+            if RESET_AFTER:
+                gh_n = tl.where(active, gh_n, 0.0)
+        h = h_new
+        tl.store(ring_ptr + ((s + 1) % 2) * B * H + st, h, mask=mask)
+        _publish(flag_ptr, pid, FLAG_STRIDE)
+        tl.store(y_ptr + t64 * (B * H) + st, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if TRAINING:
+            gates_t = gates_ptr + t64 * (3 * B * H) + g_off
+            tl.store(gates_t, r, mask=mask)
+            tl.store(gates_t + H, z, mask=mask)
+            tl.store(gates_t + 2 * H, n, mask=mask)
+            if RESET_AFTER:
+                tl.store(ghn_ptr + t64 * (B * H) + st, gh_n, mask=mask)
+
+    tl.store(hn_ptr + st, h.to(hn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "max_spins"])
+def _gru_bwd_kernel(
+    gy_ptr, ghn_out_ptr, gates_ptr, ghn_ptr, y_ptr, h0_ptr, w_ptr, len_ptr,   # inputs
+    ggx_ptr, ggh_ptr, gh0_ptr,                                               # fp32 outputs
+    flag_ptr, err_ptr,
+    T, B, H, max_spins,
+    HAS_GY: tl.constexpr, HAS_GHN_OUT: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
+    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = (pid // SLICES) * SLICES
+    row0 = (pid // SLICES) * BLOCK_B
+    j0 = (pid % SLICES) * BLOCK_J
+    rows = row0 + tl.arange(0, BLOCK_B)
+    units = j0 + tl.arange(0, BLOCK_J)
+    mask = (rows < B)[:, None] & (units < H)[None, :]
+    st = rows[:, None] * H + units[None, :]
+    g_off = rows[:, None] * (3 * H) + units[None, :]
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
+    else:
+        lens = tl.full((BLOCK_B,), T, tl.int32)
+    rz_cols, rz_ok = _gate_cols(0, H, 2, BLOCK_K)
+    n_cols, n_ok = _gate_cols(2, H, 1, BLOCK_K)
+
+    # The columns of this program's units in the r, z blocks and in the n block of weight_hh.
+    wt_rz = _weight_cols(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
+    wt_n = _weight_cols(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+    # dL/dh_t of the own units from later steps; inactive steps pass it through unchanged,
+    # which is how h_n reaches each row's last active step.
+    dh = _load_or_zeros(ghn_out_ptr, st, mask, HAS_GHN_OUT, BLOCK_B, BLOCK_J)
+    spins = max_spins
+
+    for s in range(0, T):
+        t = s if REVERSE else T - 1 - s
+        t64 = t.to(tl.int64)
+        active = (t < lens)[:, None]
+        am = mask & active
+        dh_t = dh
+        if HAS_GY:
+            # y is 0 (a constant) at inactive positions, so their grad_y is ignored.
+            dh_t += tl.load(gy_ptr + t64 * (B * H) + st, mask=am, other=0.0).to(tl.float32)
+        gates_t = gates_ptr + t64 * (3 * B * H) + g_off
+        r = tl.load(gates_t, mask=am, other=0.0)
+        z = tl.load(gates_t + H, mask=am, other=0.0)
+        n = tl.load(gates_t + 2 * H, mask=am, other=0.0)
+        # h_{t-1} in processing order, rebuilt from the outputs: the forward wrote the state of
+        # every active step to y, so only a row's first step reads h0.
+        if REVERSE:
+            from_y = am & (t + 1 < lens)[:, None]
+            t_prev = t + 1
+        else:
+            from_y = tl.where(t > 0, am, False)
+            t_prev = t - 1
+        h_prev = tl.load(y_ptr + t_prev.to(tl.int64) * (B * H) + st, mask=from_y,
+                         other=0.0).to(tl.float32)
+        if HAS_H0:
+            h_prev += tl.load(h0_ptr + st, mask=am & (from_y == 0), other=0.0).to(tl.float32)
+        da_n = tl.where(am, dh_t * (1.0 - z) * (1.0 - n * n), 0.0)
+        da_z = tl.where(am, dh_t * (h_prev - n) * z * (1.0 - z), 0.0)
+        ggx_t = ggx_ptr + t64 * (3 * B * H)
+        ggh_t = ggh_ptr + t64 * (3 * B * H)
+        # grad_gates_h doubles as the exchanged operand: the other programs of the group read
+        # this step's row of it once the flags say it is published.
+        if RESET_AFTER:
+            gh_n = tl.load(ghn_ptr + t64 * (B * H) + st, mask=am, other=0.0)
+            da_r = tl.where(am, da_n * gh_n * r * (1.0 - r), 0.0)
+            tl.store(ggx_t + g_off, da_r, mask=mask)
+            tl.store(ggx_t + g_off + H, da_z, mask=mask)
+            tl.store(ggx_t + g_off + 2 * H, da_n, mask=mask)
+            tl.store(ggh_t + g_off, da_r, mask=mask)
+            tl.store(ggh_t + g_off + H, da_z, mask=mask)
+            tl.store(ggh_t + g_off + 2 * H, da_n * r, mask=mask)
+            _publish(flag_ptr, pid, FLAG_STRIDE)
+            spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
+                          SLICES_PAD)
+            acc = _times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, wt_rz, USE_DOT, PRECISION,
+                           BLOCK_B)
+            acc += _times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, wt_n, USE_DOT, PRECISION,
+                            BLOCK_B)
+            dh = tl.where(active, dh_t * z + acc, dh)
+        else:
+            # Phase 1: the n-gate gradients of all units give d(r * h) = da_n @ W_hn, which the
+            # r gradient needs. Phase 2: the r and z gradients of all units give the rest of dh.
+            tl.store(ggx_t + g_off + 2 * H, da_n, mask=mask)
+            tl.store(ggh_t + g_off + 2 * H, da_n, mask=mask)
+            _publish(flag_ptr, pid, FLAG_STRIDE)
+            spins = _wait(flag_ptr, first, SLICES, 2 * s + 1, spins, err_ptr, 2 * s + 1,
+                          FLAG_STRIDE, SLICES_PAD)
+            d_rh = _times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, wt_n, USE_DOT, PRECISION,
+                            BLOCK_B)
+            da_r = tl.where(am, d_rh * h_prev * r * (1.0 - r), 0.0)
+            tl.store(ggx_t + g_off, da_r, mask=mask)
+            tl.store(ggx_t + g_off + H, da_z, mask=mask)
+            tl.store(ggh_t + g_off, da_r, mask=mask)
+            tl.store(ggh_t + g_off + H, da_z, mask=mask)
+            _publish(flag_ptr, pid, FLAG_STRIDE)
+            spins = _wait(flag_ptr, first, SLICES, 2 * s + 2, spins, err_ptr, 2 * s + 2,
+                          FLAG_STRIDE, SLICES_PAD)
+            acc = _times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, wt_rz, USE_DOT, PRECISION,
+                           BLOCK_B)
+            dh = tl.where(active, dh_t * z + d_rh * r + acc, dh)
+
+    tl.store(gh0_ptr + st, dh, mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -631,3 +848,81 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
          HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
          PRECISION=_precision(dtype))
     return grad_gates_x, grad_h0, grad_c0
+
+
+def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_after: bool,
+                training: bool, *, plan: Optional[SplitPlan] = None):
+    """Run the GRU recurrence over all T steps in one launch; contract of gru.gru_forward.
+
+    gates_x (T, B, 3H) fp32/fp16/bf16: x @ W_ih^T + every bias that folds; h0 (B, H) or None;
+    weight_hh (3H, H); bias_hn (H,) or None (reset_after=True only); lengths None or int (B,).
+    Returns y (T, B, H), h_n (B, H) in gates_x.dtype, and saved: None unless training, else
+    fp32 (gates (T, B, 3H) = [r, z, n], 0 where inactive,) plus, for reset_after=True,
+    gh_n (T, B, H) = h_{t-1} @ W_hn^T + b_hn: the tensors the batch-tiled kernels save.
+    ``plan`` overrides the layout (tests, benchmarks).
+    """
+    T, B, G = gates_x.shape
+    H = G // 3
+    if G != 3 * H or tuple(weight_hh.shape) != (3 * H, H):
+        raise ValueError(f"gates_x {tuple(gates_x.shape)} and weight_hh {tuple(weight_hh.shape)} "
+                         "do not describe a GRU (3H gates of H)")
+    if bias_hn is not None and not reset_after:
+        raise ValueError("bias_hn only exists for reset_after=True; fold it into gates_x")
+    device, dtype = gates_x.device, gates_x.dtype
+    _check_lengths(lengths, B, device)
+    y = torch.empty((T, B, H), device=device, dtype=dtype)
+    h_n = torch.empty((B, H), device=device, dtype=dtype)
+    saved = None
+    if training:
+        gates = torch.empty((T, B, 3 * H), device=device, dtype=torch.float32)
+        saved = (gates,)
+        if reset_after:
+            saved += (torch.empty((T, B, H), device=device, dtype=torch.float32),)
+    if B == 0:
+        return y, h_n, saved
+    plan = _resolve_plan(B, H, dtype, device, "gru", plan)
+    ring = torch.empty((2, B, H), device=device, dtype=torch.float32)
+    rh = None if reset_after else torch.empty((B, H), device=device, dtype=torch.float32)
+    gates, gh_n = (saved + (None,))[:2] if training else (None, None)
+    _run(_gru_fwd_kernel, plan, "GRU forward", device,
+         (gates_x.contiguous(), None if h0 is None else h0.contiguous(), weight_hh.contiguous(),
+          None if bias_hn is None else bias_hn.contiguous(), lengths,
+          y, h_n, gates, gh_n, ring, rh), (T, B, H),
+         HAS_H0=h0 is not None, HAS_BHN=bias_hn is not None, HAS_LENGTHS=lengths is not None,
+         REVERSE=bool(reverse), RESET_AFTER=bool(reset_after), TRAINING=bool(training),
+         PRECISION=_precision(dtype))
+    return y, h_n, saved
+
+
+def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, reverse: bool,
+                 reset_after: bool, *, plan: Optional[SplitPlan] = None):
+    """Reverse recurrence of ``gru_forward`` in one launch; contract of gru.gru_backward.
+
+    grad_y (T, B, H), grad_h_n (B, H) may be None; h_{t-1} is rebuilt from y and h0.
+    Returns fp32 (grad_gates_x (T, B, 3H), grad_gates_h (T, B, 3H), grad_h0 (B, H)), where
+    grad_gates_h is the gradient w.r.t. each step's recurrent products ([h W_hr^T, h W_hz^T,
+    h W_hn^T + b_hn] for reset_after=True, [h W_hr^T, h W_hz^T, (r*h) W_hn^T] otherwise);
+    both 0 at inactive positions.
+    """
+    del bias_hn  # b_hn enters the backward only through the saved gh_n
+    gates = saved[0]
+    T, B, G = gates.shape
+    H = G // 3
+    device = gates.device
+    _check_lengths(lengths, B, device)
+    grad_y = _dense(grad_y, "grad_y", (T, B, H), device)
+    grad_h_n = _dense(grad_h_n, "grad_h_n", (B, H), device)
+    grad_gx = torch.empty((T, B, G), device=device, dtype=torch.float32)
+    grad_gh = torch.empty((T, B, G), device=device, dtype=torch.float32)
+    grad_h0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    if B == 0:
+        return grad_gx, grad_gh, grad_h0
+    plan = _resolve_plan(B, H, weight_hh.dtype, device, "gru", plan)
+    _run(_gru_bwd_kernel, plan, "GRU backward", device,
+         (grad_y, grad_h_n, gates, saved[1] if reset_after else None, y.contiguous(),
+          None if h0 is None else h0.contiguous(), weight_hh.contiguous(), lengths,
+          grad_gx, grad_gh, grad_h0), (T, B, H),
+         HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
+         HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
+         PRECISION=_precision(weight_hh.dtype))
+    return grad_gx, grad_gh, grad_h0
