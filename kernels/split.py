@@ -9,14 +9,17 @@ Layout (``split_plan``). P = groups x slices programs, all co-resident (P <= SM 
 ``pid`` serves batch group ``pid // slices`` (BLOCK_B rows) and hidden slice ``pid % slices``
 (BLOCK_J units j0 .. j0 + BLOCK_J - 1) with ALL of their gates: weight_hh rows q*H + j for every
 gate q. So the cell state and the gate math stay inside the program. Before the time loop each
-program loads its slice of weight_hh once into registers and keeps it for all T steps
-(forward: the rows of its units, (gates * BLOCK_J, H); backward: the columns of its units,
-(gates * H, BLOCK_J), because dL/dh_{t-1}[j] = sum_r dgates[r] * weight_hh[r, j]).
+program loads the rows of weight_hh for its units once into registers, (gates * BLOCK_J, H),
+and keeps them for all T steps, in the forward and in the backward.
 
-Exchange. A step's product needs the whole h_{t-1} (forward) or all gate gradients (backward)
-of the group's rows, which the other programs of the group produced. Values go through global
-memory in fp32: the forward's h through a two-slot ring buffer indexed by step parity, the
-backward's gate gradients through its grad_gates output itself (a distinct slice per step).
+Exchange, through global memory in fp32. Forward: a step's product h_{t-1} @ W^T needs the
+whole h_{t-1} of the group's rows; each program stores its slice in a two-slot ring buffer
+indexed by step parity and reads all of it. Backward: dL/dh_{t-1} = dgates @ W reduces over the
+gate rows, which are spread over the programs, so each program multiplies its OWN gate
+gradients by its own rows, giving a partial sum for every unit, and stores it; each program
+then adds up the group's partials for its own units (a reduce-scatter: a quarter of the traffic
+of exchanging all gate gradients, a wide output for the tensor cores, and the same stationary
+rows as the forward).
 
 Sync (dataflow, no counting barrier). Every program owns a monotone epoch flag, an int32 on its
 own 128-byte line, counting the values it has published in this launch (flags are a fresh
@@ -26,7 +29,8 @@ atomic add. Consumer: poll the flags of every program in its group with acquire 
 plain load, which the compiler may hoist out of the loop) until all reach the epoch it needs,
 then ``tl.debug_barrier()`` so every warp reads after the acquire. Two ring slots suffice: a
 program overwrites a slot only after every program of its group has published the following
-value, which each does only after reading that slot. Every wait is bounded: after ``max_spins``
+value, which each does only after reading that slot (the partial sums' slots likewise
+alternate with the parity of the epoch being published). Every wait is bounded: after ``max_spins``
 polls the program records the step in an error word, stops waiting for the rest of the launch
 (so the launch ends instead of hanging the process) and the launcher raises RuntimeError.
 
@@ -38,7 +42,10 @@ reordering saves the second sync (exchanging r instead of r*h costs the same).
 
 Products: fp16/bf16 operands on tensor cores (tl.dot, fp32 accumulator) when the batch tile has
 at least 16 rows, else broadcast-multiply-and-sum on the CUDA cores (tl.dot cannot take fewer than
-16 rows; padding 1 row to 16 would waste 16x). Either way the exchanged fp32 operand is rounded
+16 rows; padding 1 row to 16 would waste 16x). The forward's tensor-core product has a skinny
+output (16 rows x gates * BLOCK_J) and a long reduction (H), so it is a batched tl.dot over
+SPLIT_K pieces of the reduction, one per warp, summed afterwards; a plain tl.dot would make
+every warp hold a copy of the weights (checked by compiling for sm_90). Either way the exchanged fp32 operand is rounded
 to the weights' dtype first, so both paths compute the same thing. State and accumulators fp32.
 
 Lengths: row b is active at time t iff t < lengths[b]; an inactive row keeps its state and
@@ -74,6 +81,7 @@ class SplitPlan(NamedTuple):
     block_j: int      # hidden units per program (with all their gates)
     block_b: int      # batch rows per group
     block_k: int      # the hidden size padded to a power of two (the reduction, held whole)
+    split_k: int      # pieces of the forward's reduction, one per warp (tensor-core path)
     num_warps: int
     use_dot: bool     # tensor-core products (block_b >= 16) or CUDA-core multiply-and-sum
 
@@ -90,9 +98,10 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
     # tile wastes at most half of itself, and wider tiles keep the grid within one wave.
     use_dot = B > 8
     candidates = [16, 32, 64] if use_dot else [triton.next_power_of_2(max(B, 1))]
-    # tl.dot needs N >= 16, and the backward's product has N = block_j; the CUDA-core path
-    # keeps at least 8 units per program so its stores stay vectorised.
-    min_j = 16 if use_dot else 8
+    # tl.dot needs N, K >= 16: the forward's product has N = gates * block_j for the LSTM but
+    # N = block_j for the GRU's n gate, and the backward's K is the same. At least 8 units
+    # anyway, so that a program's stores stay vectorised.
+    min_j = 16 if use_dot and gates == 3 else 8
     reason = None
     for block_b in candidates:
         groups = triton.cdiv(max(B, 1), block_b)
@@ -115,7 +124,8 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
             reason = f"an operand tile of {block_b} x {block_k} is too large for registers"
             continue
         num_warps = 8 if weight_bytes > 32 * 1024 else 4
-        return SplitPlan(groups * slices, groups, slices, block_j, block_b, block_k,
+        split_k = min(num_warps, block_k // 16)
+        return SplitPlan(groups * slices, groups, slices, block_j, block_b, block_k, split_k,
                          num_warps, use_dot), None
     return None, f"no split layout for batch {B}, hidden {H}, {dtype}: {reason}"
 
@@ -198,9 +208,8 @@ def _wait(flag_ptr, first, count, target, spins_left, err_ptr, err_code,
 @triton.jit
 def _weight_rows(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k].
-
-    The forward's stationary slice: the rows of this program's units for NQ consecutive gates."""
+    """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k]:
+    the rows of this program's units for NQ consecutive gates, zero-padded."""
     r = tl.arange(0, NQ * BLOCK_J)
     unit = j0 + r % BLOCK_J
     ks = tl.arange(0, BLOCK_K)
@@ -210,51 +219,59 @@ def _weight_rows(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
 
 
 @triton.jit
-def _weight_cols(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """(NQ * BLOCK_K, BLOCK_J) with [q * BLOCK_K + k, j] = weight[(q0 + q) * H + k, j0 + j].
-
-    The backward's stationary slice: the columns of this program's units, NQ gates deep."""
-    r = tl.arange(0, NQ * BLOCK_K)
-    k = r % BLOCK_K
-    units = j0 + tl.arange(0, BLOCK_J)
-    rows = (q0 + r // BLOCK_K) * H + k
-    mask = (k < H)[:, None] & (units < H)[None, :]
-    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * H + units[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _gate_cols(q0, H, NQ: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns of a (., gates * H) row laid out like _weight_cols' rows, and their mask."""
-    r = tl.arange(0, NQ * BLOCK_K)
-    k = r % BLOCK_K
-    return (q0 + r // BLOCK_K) * H + k, k < H
+def _weight_rows_split_k(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same rows as _weight_rows, transposed and cut along the reduction into SPLIT_K
+    pieces: (SPLIT_K, BLOCK_K // SPLIT_K, NQ * BLOCK_J), the batched operand of _h_times_wt."""
+    KC: tl.constexpr = BLOCK_K // SPLIT_K
+    r = tl.arange(0, NQ * BLOCK_J)
+    unit = j0 + r % BLOCK_J
+    rows = (q0 + r // BLOCK_J) * H + unit
+    ks = tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
+    mask = (unit < H)[None, None, :] & (ks < H)
+    return tl.load(w_ptr + rows.to(tl.int64)[None, None, :] * H + ks, mask=mask, other=0.0)
 
 
 @triton.jit
-def _times_w_t(a_ptr, stride, row0, B, cols, cols_ok, w, w2, HAS_W2: tl.constexpr,
-               USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w^T for the stationary w (N, K), and the same
-    with w2 (N2, K) when HAS_W2 (the operand is then read once for both products).
+def _own_gate_cols(q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Columns q*H + j0 + j (q = q0 .. q0 + NQ - 1) of a (., gates * H) row, laid out like
+    _weight_rows' rows, and their mask: this program's gate values in a row of all gates."""
+    r = tl.arange(0, NQ * BLOCK_J)
+    unit = j0 + r % BLOCK_J
+    return (q0 + r // BLOCK_J) * H + unit, unit < H
 
-    A is fp32 in global memory (exchanged values); it is rounded to w's dtype first."""
-    N: tl.constexpr = w.shape[0]
-    N2: tl.constexpr = w2.shape[0]
+
+@triton.jit
+def _h_times_wt(a_ptr, row0, B, H, w, w2, HAS_W2: tl.constexpr, USE_DOT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_B, N) fp32 = A[row0 + b, :H] @ W^T for the stationary W of N rows, and the same
+    with w2 when HAS_W2 (the operand is then read once for both products).
+
+    A is an fp32 (B, H) exchange buffer; it is rounded to the weights' dtype first. With
+    USE_DOT, w is _weight_rows_split_k's (SPLIT_K, KC, N): a batched tensor-core product whose
+    batch runs over pieces of the reduction, so the warps split K instead of all holding copies
+    of a skinny (N <= 64) output tile; the pieces are summed at the end. Otherwise w is
+    _weight_rows' (N, BLOCK_K) and each row of A is multiplied and summed on the CUDA cores."""
     b = tl.arange(0, BLOCK_B)
     if USE_DOT:
-        rows = row0 + b
-        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :],
-                    mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0).to(w.dtype)
-        acc = tl.dot(a, tl.trans(w), input_precision=PRECISION)
+        SPLIT_K: tl.constexpr = w.shape[0]
+        KC: tl.constexpr = w.shape[1]
+        ks = tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]
+        rows = (row0 + b)[None, :, None]
+        a = tl.load(a_ptr + rows * H + ks, mask=(rows < B) & (ks < H), other=0.0).to(w.dtype)
+        acc = tl.sum(tl.dot(a, w, input_precision=PRECISION), axis=0)
         acc2 = acc
         if HAS_W2:
-            acc2 = tl.dot(a, tl.trans(w2), input_precision=PRECISION)
+            acc2 = tl.sum(tl.dot(a, w2, input_precision=PRECISION), axis=0)
     else:
+        N: tl.constexpr = w.shape[0]
+        N2: tl.constexpr = w2.shape[0]
+        ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_B, N), tl.float32)
         acc2 = tl.zeros((BLOCK_B, N2), tl.float32)
         for i in tl.static_range(BLOCK_B):
-            a = tl.load(a_ptr + (row0 + i) * stride + cols,
-                        mask=tl.where(row0 + i < B, cols_ok, False), other=0.0)
+            a = tl.load(a_ptr + (row0 + i) * H + ks, mask=tl.where(row0 + i < B, ks < H, False),
+                        other=0.0)
             a = a.to(w.dtype).to(tl.float32)[None, :]
             acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a, axis=1)[None, :], acc)
             if HAS_W2:
@@ -264,25 +281,54 @@ def _times_w_t(a_ptr, stride, row0, B, cols, cols_ok, w, w2, HAS_W2: tl.constexp
 
 
 @triton.jit
-def _times_w(a_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(BLOCK_B, N) fp32 = A[row0 + b, cols] @ w for the stationary w (K, N); as _times_w_t."""
-    N: tl.constexpr = w.shape[1]
+def _own_times_w(d_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, BLOCK_K) fp32 = D[row0 + b, cols] @ w: this program's share of
+    dL/dh_{t-1} for ALL hidden units, from its own gate gradients (K of them, at ``cols`` of
+    the fp32 rows of D) and its stationary rows w (K, BLOCK_K) of weight_hh.
+
+    The backward's reduction runs over the gate rows, which are spread over the programs, so
+    each program produces a partial sum of every unit and the owners add them up
+    (_sum_partials): a reduce-scatter, which moves a quarter of the data of exchanging all gate
+    gradients and gives the tensor cores a wide (N = hidden size) output."""
+    BLOCK_K: tl.constexpr = w.shape[1]
     b = tl.arange(0, BLOCK_B)
     if USE_DOT:
         rows = row0 + b
-        a = tl.load(a_ptr + rows[:, None] * stride + cols[None, :],
+        d = tl.load(d_ptr + rows[:, None] * stride + cols[None, :],
                     mask=(rows < B)[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
+        acc = tl.dot(d.to(w.dtype), w, input_precision=PRECISION)
     else:
-        acc = tl.zeros((BLOCK_B, N), tl.float32)
+        acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
         for i in tl.static_range(BLOCK_B):
-            a = tl.load(a_ptr + (row0 + i) * stride + cols,
+            d = tl.load(d_ptr + (row0 + i) * stride + cols,
                         mask=tl.where(row0 + i < B, cols_ok, False), other=0.0)
-            a = a.to(w.dtype).to(tl.float32)
-            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * a[:, None], axis=0)[None, :],
-                           acc)
+            d = d.to(w.dtype).to(tl.float32)[:, None]
+            acc = tl.where(b[:, None] == i, tl.sum(w.to(tl.float32) * d, axis=0)[None, :], acc)
     return acc
+
+
+@triton.jit
+def _store_partial(part_ptr, slot, slice, slices, row0, B, H, acc, BLOCK_B: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """part[slot, slice, row0 + b, :H] = acc; part is fp32 (2, slices, B, H)."""
+    rows = row0 + tl.arange(0, BLOCK_B)
+    ks = tl.arange(0, BLOCK_K)
+    base = ((slot * slices + slice) * B).to(tl.int64) * H
+    tl.store(part_ptr + base + rows[:, None] * H + ks[None, :], acc,
+             mask=(rows < B)[:, None] & (ks < H)[None, :])
+
+
+@triton.jit
+def _sum_partials(part_ptr, slot, slices, row0, B, H, units, BLOCK_B: tl.constexpr,
+                  SLICES_PAD: tl.constexpr):
+    """sum over all slices of part[slot, slice, row0 + b, units]: (BLOCK_B, BLOCK_J) fp32,
+    added in a fixed order (bit-identical from run to run)."""
+    sl = tl.arange(0, SLICES_PAD)[:, None, None]
+    rows = (row0 + tl.arange(0, BLOCK_B))[None, :, None]
+    offs = ((slot * slices + sl) * B + rows).to(tl.int64) * H + units[None, None, :]
+    mask = (sl < slices) & (rows < B) & (units < H)[None, None, :]
+    return tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
 
 
 @triton.jit
@@ -326,7 +372,7 @@ def _lstm_fwd_kernel(
     REVERSE: tl.constexpr, TRAINING: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
     FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES           # the first program of this batch group
@@ -339,10 +385,12 @@ def _lstm_fwd_kernel(
     g_off = rows[:, None] * (4 * H) + units[None, :]   # own slice of gate i in a (B, 4H) row
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
-    h_cols, h_cols_ok = _gate_cols(0, H, 1, BLOCK_K)
 
     # Loaded once, used in every step: gates i, f, g, o of this program's units.
-    w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+    if USE_DOT:
+        w = _weight_rows_split_k(w_ptr, 0, j0, H, 4, BLOCK_J, SPLIT_K, BLOCK_K)
+    else:
+        w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
     # The own slice of the state never leaves the program: h for the kept state of inactive
     # rows, c entirely.
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -357,8 +405,8 @@ def _lstm_fwd_kernel(
         # h_{t-1} of all units of the group is published once every flag reaches s + 1.
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                       SLICES_PAD)
-        acc, _ = _times_w_t(ring_ptr + (s % 2) * B * H, H, row0, B, h_cols, h_cols_ok, w, w,
-                            False, USE_DOT, PRECISION, BLOCK_B)
+        acc, _ = _h_times_wt(ring_ptr + (s % 2) * B * H, row0, B, H, w, w, False, USE_DOT,
+                             PRECISION, BLOCK_B, BLOCK_K)
         p_i, p_f, p_g, p_o = _split4(acc, BLOCK_B, BLOCK_J)
         gx_t = gx_ptr + t64 * (4 * B * H) + g_off
         i = sigmoid(p_i + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
@@ -400,13 +448,13 @@ def _lstm_fwd_kernel(
 def _lstm_bwd_kernel(
     gy_ptr, ghn_ptr, gcn_ptr, act_ptr, c_seq_ptr, c0_ptr, w_ptr, len_ptr,   # inputs
     dgx_ptr, dh0_ptr, dc0_ptr,                                            # fp32 outputs
-    flag_ptr, err_ptr,
+    part_ptr, flag_ptr, err_ptr,                                          # exchange and sync
     T, B, H, max_spins,
     HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
     FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -419,11 +467,11 @@ def _lstm_bwd_kernel(
     g_off = rows[:, None] * (4 * H) + units[None, :]
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
-    da_cols, da_cols_ok = _gate_cols(0, H, 4, BLOCK_K)
+    own_cols, own_ok = _own_gate_cols(0, j0, H, 4, BLOCK_J)
 
-    # dL/dh_{t-1}[j] = sum over all 4H gate rows r of dgates[r] * weight_hh[r, j]: the columns
-    # of this program's units, loaded once.
-    wt = _weight_cols(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+    # The forward's rows of weight_hh for this program's units, loaded once: with them it
+    # turns its own gate gradients into a partial dL/dh_{t-1} of every unit.
+    w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
     # dL/dh and dL/dc of the own units flowing backwards; after the last step they are the
     # gradients of h0 and c0.
     dh = _load_or_zeros(ghn_ptr, st, mask, HAS_GHN, BLOCK_B, BLOCK_J)
@@ -469,18 +517,21 @@ def _lstm_bwd_kernel(
             da_o = tl.where(active, da_o, 0.0)
             dc_t = tl.where(active, dc_t, dc)
         dc = dc_t
-        # The gate gradients are both an output and the exchanged operand: the other programs
-        # of the group read this step's row of dgx once every flag reaches s + 1.
         dgx_t = dgx_ptr + t64 * (4 * B * H)
         tl.store(dgx_t + g_off, da_i, mask=mask)
         tl.store(dgx_t + g_off + H, da_f, mask=mask)
         tl.store(dgx_t + g_off + 2 * H, da_g, mask=mask)
         tl.store(dgx_t + g_off + 3 * H, da_o, mask=mask)
+        # Read back as one gate-major operand row by the other warps of this program.
+        tl.debug_barrier()
+        part = _own_times_w(dgx_t, 4 * H, row0, B, own_cols, own_ok, w, USE_DOT, PRECISION,
+                            BLOCK_B)
+        _store_partial(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
+                       BLOCK_K)
         _publish(flag_ptr, pid, FLAG_STRIDE)
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                       SLICES_PAD)
-        acc = _times_w(dgx_t, 4 * H, row0, B, da_cols, da_cols_ok, wt, USE_DOT, PRECISION,
-                       BLOCK_B)
+        acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
         if HAS_LENGTHS:
             # An inactive step passed h through unchanged, and so does its gradient.
             acc = tl.where(active, acc, dh)
@@ -503,7 +554,7 @@ def _gru_fwd_kernel(
     REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -516,12 +567,15 @@ def _gru_fwd_kernel(
     g_off = rows[:, None] * (3 * H) + units[None, :]
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
-    h_cols, h_cols_ok = _gate_cols(0, H, 1, BLOCK_K)
 
     # Loaded once: the r and z rows of this program's units together (one product), n apart
     # (reset_after=False multiplies it with r * h instead of h).
-    w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
-    w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+    if USE_DOT:
+        w_rz = _weight_rows_split_k(w_ptr, 0, j0, H, 2, BLOCK_J, SPLIT_K, BLOCK_K)
+        w_n = _weight_rows_split_k(w_ptr, 2, j0, H, 1, BLOCK_J, SPLIT_K, BLOCK_K)
+    else:
+        w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
+        w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
     if HAS_BHN:
         b_n = tl.load(bhn_ptr + units, mask=units < H, other=0.0).to(tl.float32)[None, :]
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -541,8 +595,8 @@ def _gru_fwd_kernel(
         spins = _wait(flag_ptr, first, SLICES, epoch, spins, err_ptr, epoch, FLAG_STRIDE,
                       SLICES_PAD)
         h_all = ring_ptr + (s % 2) * B * H
-        acc_rz, gh_n = _times_w_t(h_all, H, row0, B, h_cols, h_cols_ok, w_rz, w_n, RESET_AFTER,
-                                  USE_DOT, PRECISION, BLOCK_B)
+        acc_rz, gh_n = _h_times_wt(h_all, row0, B, H, w_rz, w_n, RESET_AFTER, USE_DOT,
+                                   PRECISION, BLOCK_B, BLOCK_K)
         p_r, p_z = _split2(acc_rz, BLOCK_B, BLOCK_J)
         gx_t = gx_ptr + t64 * (3 * B * H) + g_off
         r = sigmoid(p_r + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
@@ -559,8 +613,8 @@ def _gru_fwd_kernel(
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, epoch + 1, spins, err_ptr, epoch + 1,
                           FLAG_STRIDE, SLICES_PAD)
-            gh_n, _ = _times_w_t(rh_ptr, H, row0, B, h_cols, h_cols_ok, w_n, w_n, False,
-                                 USE_DOT, PRECISION, BLOCK_B)
+            gh_n, _ = _h_times_wt(rh_ptr, row0, B, H, w_n, w_n, False, USE_DOT, PRECISION,
+                                  BLOCK_B, BLOCK_K)
             n = tanh(x_n + gh_n)
         h_new = (1.0 - z) * n + z * h
         out = h_new
@@ -594,13 +648,13 @@ def _gru_fwd_kernel(
 def _gru_bwd_kernel(
     gy_ptr, ghn_out_ptr, gates_ptr, ghn_ptr, y_ptr, h0_ptr, w_ptr, len_ptr,   # inputs
     ggx_ptr, ggh_ptr, gh0_ptr,                                               # fp32 outputs
-    flag_ptr, err_ptr,
+    part_ptr, flag_ptr, err_ptr,                                             # exchange, sync
     T, B, H, max_spins,
     HAS_GY: tl.constexpr, HAS_GHN_OUT: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -615,12 +669,12 @@ def _gru_bwd_kernel(
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
     else:
         lens = tl.full((BLOCK_B,), T, tl.int32)
-    rz_cols, rz_ok = _gate_cols(0, H, 2, BLOCK_K)
-    n_cols, n_ok = _gate_cols(2, H, 1, BLOCK_K)
+    rz_cols, rz_ok = _own_gate_cols(0, j0, H, 2, BLOCK_J)
+    n_cols, n_ok = _own_gate_cols(2, j0, H, 1, BLOCK_J)
 
-    # The columns of this program's units in the r, z blocks and in the n block of weight_hh.
-    wt_rz = _weight_cols(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
-    wt_n = _weight_cols(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+    # The forward's rows of this program's units, loaded once (see _own_times_w).
+    w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
+    w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
     # dL/dh_t of the own units from later steps; inactive steps pass it through unchanged,
     # which is how h_n reaches each row's last active step.
     dh = _load_or_zeros(ghn_out_ptr, st, mask, HAS_GHN_OUT, BLOCK_B, BLOCK_J)
@@ -655,8 +709,9 @@ def _gru_bwd_kernel(
         da_z = tl.where(am, dh_t * (h_prev - n) * z * (1.0 - z), 0.0)
         ggx_t = ggx_ptr + t64 * (3 * B * H)
         ggh_t = ggh_ptr + t64 * (3 * B * H)
-        # grad_gates_h doubles as the exchanged operand: the other programs of the group read
-        # this step's row of it once the flags say it is published.
+        # Each exchange: store the own gate gradients, turn them into partial sums for all
+        # units (read back from grad_gates_h by the other warps: hence the CTA barrier), publish,
+        # wait, add up the partials of the own units. The slot is the parity of the epoch.
         if RESET_AFTER:
             gh_n = tl.load(ghn_ptr + t64 * (B * H) + st, mask=am, other=0.0)
             da_r = tl.where(am, da_n * gh_n * r * (1.0 - r), 0.0)
@@ -666,34 +721,47 @@ def _gru_bwd_kernel(
             tl.store(ggh_t + g_off, da_r, mask=mask)
             tl.store(ggh_t + g_off + H, da_z, mask=mask)
             tl.store(ggh_t + g_off + 2 * H, da_n * r, mask=mask)
+            tl.debug_barrier()
+            part = _own_times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, w_rz, USE_DOT,
+                                PRECISION, BLOCK_B)
+            part += _own_times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, w_n, USE_DOT, PRECISION,
+                                 BLOCK_B)
+            _store_partial(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
+                           BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                           SLICES_PAD)
-            acc = _times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, wt_rz, USE_DOT, PRECISION,
-                           BLOCK_B)
-            acc += _times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, wt_n, USE_DOT, PRECISION,
-                            BLOCK_B)
+            acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B,
+                                SLICES_PAD)
             dh = tl.where(active, dh_t * z + acc, dh)
         else:
             # Phase 1: the n-gate gradients of all units give d(r * h) = da_n @ W_hn, which the
             # r gradient needs. Phase 2: the r and z gradients of all units give the rest of dh.
             tl.store(ggx_t + g_off + 2 * H, da_n, mask=mask)
             tl.store(ggh_t + g_off + 2 * H, da_n, mask=mask)
+            tl.debug_barrier()
+            part = _own_times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, w_n, USE_DOT, PRECISION,
+                                BLOCK_B)
+            _store_partial(part_ptr, 0, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
+                           BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 1, spins, err_ptr, 2 * s + 1,
                           FLAG_STRIDE, SLICES_PAD)
-            d_rh = _times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, wt_n, USE_DOT, PRECISION,
-                            BLOCK_B)
+            d_rh = _sum_partials(part_ptr, 0, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
             da_r = tl.where(am, d_rh * h_prev * r * (1.0 - r), 0.0)
             tl.store(ggx_t + g_off, da_r, mask=mask)
             tl.store(ggx_t + g_off + H, da_z, mask=mask)
             tl.store(ggh_t + g_off, da_r, mask=mask)
             tl.store(ggh_t + g_off + H, da_z, mask=mask)
+            tl.debug_barrier()
+            part = _own_times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, w_rz, USE_DOT,
+                                PRECISION, BLOCK_B)
+            _store_partial(part_ptr, 1, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
+                           BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 2, spins, err_ptr, 2 * s + 2,
                           FLAG_STRIDE, SLICES_PAD)
-            acc = _times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, wt_rz, USE_DOT, PRECISION,
-                           BLOCK_B)
+            acc = _sum_partials(part_ptr, 1, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
             dh = tl.where(active, dh_t * z + d_rh * r + acc, dh)
 
     tl.store(gh0_ptr + st, dh, mask=mask)
@@ -732,6 +800,7 @@ def _dense(grad, name, shape, device):
 def _resolve_plan(B, H, dtype, device, cell, plan):
     if plan is not None:
         covers = (plan.programs == plan.groups * plan.slices and plan.block_k >= H
+                  and plan.block_k % plan.split_k == 0
                   and plan.groups * plan.block_b >= B and plan.slices * plan.block_j >= H)
         if not covers:
             raise ValueError(f"{plan} does not cover batch {B} x hidden {H}")
@@ -749,6 +818,11 @@ def _precision(dtype):
     return "ieee"
 
 
+def _partials(plan, B, H, device):
+    """The backward's exchange: each program's partial dL/dh of every unit, two slots."""
+    return torch.empty((2, plan.slices, B, H), device=device, dtype=torch.float32)
+
+
 def _run(kernel, plan, what, device, tensors, scalars, **meta):
     """One launch of P co-resident programs with fresh flags; raises if a wait timed out.
 
@@ -762,7 +836,8 @@ def _run(kernel, plan, what, device, tensors, scalars, **meta):
         kernel, (plan.programs,), *tensors, flags, err, *scalars, _MAX_SPINS,
         SLICES=plan.slices, SLICES_PAD=triton.next_power_of_2(plan.slices),
         FLAG_STRIDE=_FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
-        BLOCK_J=plan.block_j, BLOCK_K=plan.block_k, num_warps=plan.num_warps, num_stages=1,
+        BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k,
+        num_warps=plan.num_warps, num_stages=1,
         **meta,
     )
     step = int(err.item())
@@ -843,7 +918,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     plan = _resolve_plan(B, H, dtype, device, "lstm", plan)
     _run(_lstm_bwd_kernel, plan, "LSTM backward", device,
          (grad_y, grad_h_n, grad_c_n, act, c_seq, c0, weight_hh, lengths,
-          grad_gates_x, grad_h0, grad_c0), (T, B, H),
+          grad_gates_x, grad_h0, grad_c0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
          HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
          PRECISION=_precision(dtype))
@@ -921,7 +996,7 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
     _run(_gru_bwd_kernel, plan, "GRU backward", device,
          (grad_y, grad_h_n, gates, saved[1] if reset_after else None, y.contiguous(),
           None if h0 is None else h0.contiguous(), weight_hh.contiguous(), lengths,
-          grad_gx, grad_gh, grad_h0), (T, B, H),
+          grad_gx, grad_gh, grad_h0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
          HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
          PRECISION=_precision(weight_hh.dtype))
