@@ -34,11 +34,17 @@ needs_threads = pytest.mark.skipif(
            "tests/_parallel_interpreter.py to run them")
 
 
-def programs():
-    """Context in which a split launch can run: the GPU as it is, or one thread per program."""
+@contextlib.contextmanager
+def programs(plan, shake=0.0, seed=None):
+    """Context in which split launches can run: the GPU as it is, or one thread per program
+    (then checked to have run all of the plan's programs at once). ``shake`` makes the
+    threads yield at random memory accesses, to try other interleavings."""
     if DEVICE == "cuda":
-        return contextlib.nullcontext()
-    return parallel_programs(timeout_s=120.0)
+        yield
+        return
+    with parallel_programs(timeout_s=120.0, shake=shake, seed=seed) as stats:
+        yield
+    assert stats.launches > 0 and stats.max_concurrent == plan.programs
 
 
 def plan_for(B, H, dtype, cell, block_j=None):
@@ -75,7 +81,8 @@ FP16 = 3e-3
 # LSTM
 # --------------------------------------------------------------------------------------
 def check_lstm(T, B, H, dtype=torch.float32, reverse=False, with_state=True, lengths=None,
-               block_j=None, min_programs=2, tol=FP32, seed=0, lengths_dtype=torch.int64):
+               block_j=None, min_programs=2, tol=FP32, seed=0, lengths_dtype=torch.int64,
+               shake=0.0):
     gen = torch.Generator().manual_seed(seed)
     gates_x = randn(gen, T, B, 4 * H, dtype=dtype)
     weight_hh = randn(gen, 4 * H, H, dtype=dtype, scale=1.0 / math.sqrt(H))
@@ -88,7 +95,7 @@ def check_lstm(T, B, H, dtype=torch.float32, reverse=False, with_state=True, len
     assert plan.programs >= min_programs
 
     start = kernel_launch.launches
-    with programs():
+    with programs(plan, shake, seed):
         y, h_n, c_n, saved = K.lstm_forward(gates_x, h0, c0, weight_hh, lens, reverse, True,
                                             plan=plan)
         assert kernel_launch.launches - start == 1
@@ -132,7 +139,7 @@ LSTM_CASES = [
                  id="H40-B3-lengths-reverse-nostate"),
     # 18 rows: tensor-core products, two batch groups (one mostly padding) of 3 programs each.
     pytest.param(dict(T=5, B=18, H=40, lengths=[5, 2, 0, 1, 3, 4, 5, 5, 1, 2, 3, 4, 5, 5, 4, 3,
-                                                2, 1]), id="H40-B18-lengths"),
+                                                2, 1], shake=0.2), id="H40-B18-lengths-shake"),
     # A forced 16-unit slice: 2 groups x 4 programs.
     pytest.param(dict(T=4, B=18, H=64, reverse=True, block_j=16, min_programs=8,
                       lengths=[4, 1, 3, 2] * 4 + [0, 4], lengths_dtype=torch.int32),
@@ -169,7 +176,8 @@ def test_lstm_bf16_gpu():
 # GRU
 # --------------------------------------------------------------------------------------
 def check_gru(T, B, H, reset_after, dtype=torch.float32, has_h0=True, has_bias=True,
-              reverse=False, lengths=None, block_j=None, min_programs=2, tol=FP32, seed=0):
+              reverse=False, lengths=None, block_j=None, min_programs=2, tol=FP32, seed=0,
+              shake=0.0):
     gen = torch.Generator().manual_seed(seed)
     gates_x = randn(gen, T, B, 3 * H, dtype=dtype)
     h0 = randn(gen, B, H, dtype=dtype) if has_h0 else None
@@ -181,7 +189,7 @@ def check_gru(T, B, H, reset_after, dtype=torch.float32, has_h0=True, has_bias=T
     assert plan.programs >= min_programs
 
     start = kernel_launch.launches
-    with programs():
+    with programs(plan, shake, seed):
         y, h_n, saved = K.gru_forward(gates_x, h0, weight_hh, bias_hn, lens, reverse,
                                       reset_after, True, plan=plan)
         assert kernel_launch.launches - start == 1
@@ -219,8 +227,8 @@ def check_gru(T, B, H, reset_after, dtype=torch.float32, has_h0=True, has_bias=T
 
 
 GRU_CASES = [
-    pytest.param(dict(T=6, B=3, H=40, reverse=True, lengths=[6, 2, 0]),
-                 id="H40-B3-lengths-reverse"),
+    pytest.param(dict(T=6, B=3, H=40, reverse=True, lengths=[6, 2, 0], shake=0.2),
+                 id="H40-B3-lengths-reverse-shake"),
     pytest.param(dict(T=5, B=1, H=40, has_h0=False, has_bias=False), id="H40-B1-noh0-nobias"),
     pytest.param(dict(T=5, B=18, H=40, lengths=[5, 2, 0, 1, 3, 4, 5, 5, 1, 2, 3, 4, 5, 5, 4, 3,
                                                 2, 1]), id="H40-B18-lengths"),
@@ -265,7 +273,7 @@ def test_inference_saves_nothing_and_matches_training():
     gates_x = randn(gen, T, B, 4 * H, dtype=torch.float32)
     weight_hh = randn(gen, 4 * H, H, dtype=torch.float32, scale=H ** -0.5)
     lens = torch.tensor([4, 1, 3], device=DEVICE)
-    with programs():
+    with programs(plan_for(B, H, torch.float32, "lstm")):
         train = K.lstm_forward(gates_x, None, None, weight_hh, lens, True, True)
         infer = K.lstm_forward(gates_x, None, None, weight_hh, lens, True, False)
     assert infer[3] is None
@@ -333,7 +341,11 @@ def test_plans_are_valid_for_the_gpu(B, H, dtype, cell):
     for size in (plan.block_b, plan.block_j, plan.block_k):
         assert size & (size - 1) == 0  # tl.arange: powers of two
     if plan.use_dot:
-        assert plan.block_b >= 16 and plan.block_j >= 16 and plan.block_k >= 16
+        # tl.dot needs M, N, K >= 16: M = block_b; the forward's N and the backward's K are
+        # gates * block_j for the LSTM but block_j for the GRU's n gate; the forward's K is a
+        # split_k-th of block_k.
+        assert plan.block_b >= 16 and plan.block_k // plan.split_k >= 16
+        assert plan.block_j * (4 if cell == "lstm" else 1) >= 16
     else:
         assert B <= 8 and plan.groups == 1
     if H == 40:
@@ -344,9 +356,13 @@ def test_plans_at_the_sizes_that_matter():
     # One row at H=1024 in fp16: 128 programs of 8 units, 64 KB of weight_hh each.
     plan = K.split_plan(1, 1024, torch.float16, 132)
     assert (plan.programs, plan.block_j, plan.use_dot) == (128, 8, False)
-    # 16 rows: tensor cores need 16-unit slices, so 64 programs hold 128 KB each.
+    # 16 rows: the same 128 programs on the tensor cores, the reduction split over 8 warps.
     plan = K.split_plan(16, 1024, torch.float16, 132)
-    assert (plan.programs, plan.block_j, plan.block_b, plan.use_dot) == (64, 16, 16, True)
+    assert (plan.programs, plan.block_j, plan.block_b, plan.split_k, plan.use_dot) == (
+        128, 8, 16, 8, True)
+    # The GRU's n-gate product has N = block_j, so tensor cores need 16-unit slices.
+    plan = K.split_plan(16, 1024, torch.float16, 132, "gru")
+    assert (plan.programs, plan.block_j) == (64, 16)
     # 18 rows: two batch groups that sync only among themselves.
     plan = K.split_plan(18, 768, torch.float16, 132, "gru")
     assert (plan.groups, plan.slices) == (2, 48)
