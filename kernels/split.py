@@ -72,6 +72,8 @@ _MAX_SPINS = 1 << 20
 # tile of the tensor-core path (elements of BLOCK_B x padded H). An SM has 256 KB of registers.
 _WEIGHT_BYTES = 128 * 1024
 _TILE_ELEMS = 16 * 1024
+# Gates per hidden unit.
+_GATES = {"lstm": 4, "gru": 3}
 
 
 class SplitPlan(NamedTuple):
@@ -111,6 +113,8 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
             continue
         if block_j is None:
             block_j = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
+        elif block_j < min_j:
+            return None, f"block_j {block_j} is below the {min_j} units this path needs"
         slices = triton.cdiv(H, block_j)
         if groups * slices > num_sms:
             reason = f"{groups} x {slices} programs exceed {num_sms} SMs"
@@ -135,8 +139,8 @@ def split_plan(B: int, H: int, dtype: torch.dtype, num_sms: int, cell: str = "ls
     """The layout the launchers use for batch B, hidden size H and ``num_sms`` SMs.
 
     The slice is as narrow as the SM count allows (more SMs share each step's product), but at
-    least 16 units on the tensor-core path and 8 otherwise; ``block_j`` forces another width (a
-    power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
+    least 8 units (16 for the GRU on the tensor-core path, see below); ``block_j`` forces another
+    width (a power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
     (see ``supports``)."""
     if block_j is not None and (block_j < 1 or block_j & (block_j - 1)):
         raise ValueError(f"block_j must be a power of two, got {block_j}")
@@ -144,9 +148,6 @@ def split_plan(B: int, H: int, dtype: torch.dtype, num_sms: int, cell: str = "ls
     if plan is None:
         raise ValueError(reason)
     return plan
-
-
-_GATES = {"lstm": 4, "gru": 3}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -309,12 +310,12 @@ def _own_times_w(d_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr
 
 
 @triton.jit
-def _store_partial(part_ptr, slot, slice, slices, row0, B, H, acc, BLOCK_B: tl.constexpr,
+def _store_partial(part_ptr, slot, index, slices, row0, B, H, acc, BLOCK_B: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    """part[slot, slice, row0 + b, :H] = acc; part is fp32 (2, slices, B, H)."""
+    """part[slot, index, row0 + b, :H] = acc; part is fp32 (2, slices, B, H)."""
     rows = row0 + tl.arange(0, BLOCK_B)
     ks = tl.arange(0, BLOCK_K)
-    base = ((slot * slices + slice) * B).to(tl.int64) * H
+    base = (slot * slices + index).to(tl.int64) * B * H
     tl.store(part_ptr + base + rows[:, None] * H + ks[None, :], acc,
              mask=(rows < B)[:, None] & (ks < H)[None, :])
 
@@ -326,7 +327,7 @@ def _sum_partials(part_ptr, slot, slices, row0, B, H, units, BLOCK_B: tl.constex
     added in a fixed order (bit-identical from run to run)."""
     sl = tl.arange(0, SLICES_PAD)[:, None, None]
     rows = (row0 + tl.arange(0, BLOCK_B))[None, :, None]
-    offs = ((slot * slices + sl) * B + rows).to(tl.int64) * H + units[None, None, :]
+    offs = ((slot * slices + sl).to(tl.int64) * B + rows) * H + units[None, None, :]
     mask = (sl < slices) & (rows < B) & (units < H)[None, None, :]
     return tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
 
@@ -840,11 +841,13 @@ def _run(kernel, plan, what, device, tensors, scalars, **meta):
         num_warps=plan.num_warps, num_stages=1,
         **meta,
     )
-    step = int(err.item())
-    if step:
+    epoch = int(err.item())
+    if epoch:
+        # The error word holds the highest epoch a wait gave up on: the n-th value each
+        # program publishes (one per step; two for the original GRU; 1 is h0 or the first).
         raise RuntimeError(
             f"split {what}: a program waited more than {_MAX_SPINS} polls for the other programs "
-            f"of its batch group (sync phase {step}; P={plan.programs} programs, grid "
+            f"of its batch group (epoch {epoch}; P={plan.programs} programs, grid "
             f"({plan.programs},), {plan.groups} group(s) of {plan.slices}); the programs were "
             f"probably not all resident at once")
 
