@@ -296,6 +296,28 @@ def test_inference_saves_nothing_and_matches_training():
         assert torch.equal(a, b)
 
 
+@needs_threads
+def test_empty_sequence_returns_initial_state():
+    gen = torch.Generator().manual_seed(8)
+    B, H = 3, 40
+    h0, c0 = randn(gen, B, H, dtype=torch.float32), randn(gen, B, H, dtype=torch.float32)
+    w = randn(gen, 4 * H, H, dtype=torch.float32)
+    with programs(plan_for(B, H, torch.float32, "lstm")):
+        y, h_n, c_n, saved = K.lstm_forward(torch.empty(0, B, 4 * H, device=DEVICE), h0, c0, w,
+                                            None, False, True)
+        ghn, gcn = randn(gen, B, H, dtype=torch.float32), randn(gen, B, H, dtype=torch.float32)
+        dgx, dh0, dc0 = K.lstm_backward(None, ghn, gcn, saved, y, h0, c0, w, None, False)
+    assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
+    assert dgx.shape == (0, B, 4 * H) and torch.equal(dh0, ghn) and torch.equal(dc0, gcn)
+
+
+@needs_threads
+@pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "original"])
+def test_gru_one_hidden_unit(reset_after):
+    # H=1 is far below one slice: a single program, mostly masked.
+    check_gru(4, 2, 1, reset_after, min_programs=1)
+
+
 def test_empty_batch_launches_nothing():
     start = kernel_launch.launches
     gx = torch.randn(3, 0, 80, device=DEVICE)
