@@ -100,10 +100,9 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
     # tile wastes at most half of itself, and wider tiles keep the grid within one wave.
     use_dot = B > 8
     candidates = [16, 32, 64] if use_dot else [triton.next_power_of_2(max(B, 1))]
-    # tl.dot needs N, K >= 16: the forward's product has N = gates * block_j for the LSTM but
-    # N = block_j for the GRU's n gate, and the backward's K is the same. At least 8 units
-    # anyway, so that a program's stores stay vectorised.
-    min_j = 16 if use_dot and gates == 3 else 8
+    # At least 8 units, so that a program's stores stay vectorised. (tl.dot needs N, K >= 16:
+    # the LSTM's products have N or K = 4 * block_j; the GRU pads its n block to 16 rows.)
+    min_j = 8
     reason = None
     for block_b in candidates:
         groups = triton.cdiv(max(B, 1), block_b)
@@ -139,8 +138,7 @@ def split_plan(B: int, H: int, dtype: torch.dtype, num_sms: int, cell: str = "ls
     """The layout the launchers use for batch B, hidden size H and ``num_sms`` SMs.
 
     The slice is as narrow as the SM count allows (more SMs share each step's product), but at
-    least 8 units (16 for the GRU on the tensor-core path, see below); ``block_j`` forces another
-    width (a power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
+    least 8 units; ``block_j`` forces another width (a power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
     (see ``supports``)."""
     if block_j is not None and (block_j < 1 or block_j & (block_j - 1)):
         raise ValueError(f"block_j must be a power of two, got {block_j}")
@@ -207,20 +205,21 @@ def _wait(flag_ptr, first, count, target, spins_left, err_ptr, err_code,
 
 
 @triton.jit
-def _weight_rows(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+def _weight_rows(w_ptr, q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k]:
-    the rows of this program's units for NQ consecutive gates, zero-padded."""
+    the rows of this program's units for NQ consecutive gates, zero for units >= j_end and
+    columns >= H."""
     r = tl.arange(0, NQ * BLOCK_J)
     unit = j0 + r % BLOCK_J
     ks = tl.arange(0, BLOCK_K)
     rows = (q0 + r // BLOCK_J) * H + unit
-    mask = (unit < H)[:, None] & (ks < H)[None, :]
+    mask = (unit < j_end)[:, None] & (ks < H)[None, :]
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * H + ks[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _weight_rows_split_k(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+def _weight_rows_split_k(w_ptr, q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
                          SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The same rows as _weight_rows, transposed and cut along the reduction into SPLIT_K
     pieces: (SPLIT_K, BLOCK_K // SPLIT_K, NQ * BLOCK_J), the batched operand of _h_times_wt."""
@@ -229,17 +228,18 @@ def _weight_rows_split_k(w_ptr, q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constex
     unit = j0 + r % BLOCK_J
     rows = (q0 + r // BLOCK_J) * H + unit
     ks = tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
-    mask = (unit < H)[None, None, :] & (ks < H)
+    mask = (unit < j_end)[None, None, :] & (ks < H)
     return tl.load(w_ptr + rows.to(tl.int64)[None, None, :] * H + ks, mask=mask, other=0.0)
 
 
 @triton.jit
-def _own_gate_cols(q0, j0, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr):
+def _own_gate_cols(q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr):
     """Columns q*H + j0 + j (q = q0 .. q0 + NQ - 1) of a (., gates * H) row, laid out like
-    _weight_rows' rows, and their mask: this program's gate values in a row of all gates."""
+    _weight_rows' rows, and their mask (units < j_end): this program's gate values in a row
+    of all gates."""
     r = tl.arange(0, NQ * BLOCK_J)
     unit = j0 + r % BLOCK_J
-    return (q0 + r // BLOCK_J) * H + unit, unit < H
+    return (q0 + r // BLOCK_J) * H + unit, unit < j_end
 
 
 @triton.jit
@@ -389,9 +389,9 @@ def _lstm_fwd_kernel(
 
     # Loaded once, used in every step: gates i, f, g, o of this program's units.
     if USE_DOT:
-        w = _weight_rows_split_k(w_ptr, 0, j0, H, 4, BLOCK_J, SPLIT_K, BLOCK_K)
+        w = _weight_rows_split_k(w_ptr, 0, j0, H, H, 4, BLOCK_J, SPLIT_K, BLOCK_K)
     else:
-        w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+        w = _weight_rows(w_ptr, 0, j0, H, H, 4, BLOCK_J, BLOCK_K)
     # The own slice of the state never leaves the program: h for the kept state of inactive
     # rows, c entirely.
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -468,11 +468,11 @@ def _lstm_bwd_kernel(
     g_off = rows[:, None] * (4 * H) + units[None, :]
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
-    own_cols, own_ok = _own_gate_cols(0, j0, H, 4, BLOCK_J)
+    own_cols, own_ok = _own_gate_cols(0, j0, H, H, 4, BLOCK_J)
 
     # The forward's rows of weight_hh for this program's units, loaded once: with them it
     # turns its own gate gradients into a partial dL/dh_{t-1} of every unit.
-    w = _weight_rows(w_ptr, 0, j0, H, 4, BLOCK_J, BLOCK_K)
+    w = _weight_rows(w_ptr, 0, j0, H, H, 4, BLOCK_J, BLOCK_K)
     # dL/dh and dL/dc of the own units flowing backwards; after the last step they are the
     # gradients of h0 and c0.
     dh = _load_or_zeros(ghn_ptr, st, mask, HAS_GHN, BLOCK_B, BLOCK_J)
@@ -555,7 +555,7 @@ def _gru_fwd_kernel(
     REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -570,13 +570,15 @@ def _gru_fwd_kernel(
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
 
     # Loaded once: the r and z rows of this program's units together (one product), n apart
-    # (reset_after=False multiplies it with r * h instead of h).
+    # (reset_after=False multiplies it with r * h instead of h). The n block has BLOCK_N rows:
+    # BLOCK_J, or 2 * BLOCK_J with zero rows where tl.dot needs 16 and BLOCK_J is 8.
+    n_end = tl.minimum(j0 + BLOCK_J, H)
     if USE_DOT:
-        w_rz = _weight_rows_split_k(w_ptr, 0, j0, H, 2, BLOCK_J, SPLIT_K, BLOCK_K)
-        w_n = _weight_rows_split_k(w_ptr, 2, j0, H, 1, BLOCK_J, SPLIT_K, BLOCK_K)
+        w_rz = _weight_rows_split_k(w_ptr, 0, j0, H, H, 2, BLOCK_J, SPLIT_K, BLOCK_K)
+        w_n = _weight_rows_split_k(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, SPLIT_K, BLOCK_K)
     else:
-        w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
-        w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+        w_rz = _weight_rows(w_ptr, 0, j0, H, H, 2, BLOCK_J, BLOCK_K)
+        w_n = _weight_rows(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, BLOCK_K)
     if HAS_BHN:
         b_n = tl.load(bhn_ptr + units, mask=units < H, other=0.0).to(tl.float32)[None, :]
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -599,6 +601,8 @@ def _gru_fwd_kernel(
         acc_rz, gh_n = _h_times_wt(h_all, row0, B, H, w_rz, w_n, RESET_AFTER, USE_DOT,
                                    PRECISION, BLOCK_B, BLOCK_K)
         p_r, p_z = _split2(acc_rz, BLOCK_B, BLOCK_J)
+        if BLOCK_N != BLOCK_J:
+            gh_n, _ = _split2(gh_n, BLOCK_B, BLOCK_J)
         gx_t = gx_ptr + t64 * (3 * B * H) + g_off
         r = sigmoid(p_r + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
         z = sigmoid(p_z + tl.load(gx_t + H, mask=mask, other=0.0).to(tl.float32))
@@ -616,6 +620,8 @@ def _gru_fwd_kernel(
                           FLAG_STRIDE, SLICES_PAD)
             gh_n, _ = _h_times_wt(rh_ptr, row0, B, H, w_n, w_n, False, USE_DOT, PRECISION,
                                   BLOCK_B, BLOCK_K)
+            if BLOCK_N != BLOCK_J:
+                gh_n, _ = _split2(gh_n, BLOCK_B, BLOCK_J)
             n = tanh(x_n + gh_n)
         h_new = (1.0 - z) * n + z * h
         out = h_new
@@ -655,7 +661,7 @@ def _gru_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -670,12 +676,13 @@ def _gru_bwd_kernel(
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
     else:
         lens = tl.full((BLOCK_B,), T, tl.int32)
-    rz_cols, rz_ok = _own_gate_cols(0, j0, H, 2, BLOCK_J)
-    n_cols, n_ok = _own_gate_cols(2, j0, H, 1, BLOCK_J)
-
-    # The forward's rows of this program's units, loaded once (see _own_times_w).
-    w_rz = _weight_rows(w_ptr, 0, j0, H, 2, BLOCK_J, BLOCK_K)
-    w_n = _weight_rows(w_ptr, 2, j0, H, 1, BLOCK_J, BLOCK_K)
+    # The forward's rows of this program's units, loaded once (see _own_times_w); the n block
+    # padded to BLOCK_N rows as in the forward (here it is the K of the tensor-core product).
+    n_end = tl.minimum(j0 + BLOCK_J, H)
+    rz_cols, rz_ok = _own_gate_cols(0, j0, H, H, 2, BLOCK_J)
+    n_cols, n_ok = _own_gate_cols(2, j0, n_end, H, 1, BLOCK_N)
+    w_rz = _weight_rows(w_ptr, 0, j0, H, H, 2, BLOCK_J, BLOCK_K)
+    w_n = _weight_rows(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, BLOCK_K)
     # dL/dh_t of the own units from later steps; inactive steps pass it through unchanged,
     # which is how h_n reaches each row's last active step.
     dh = _load_or_zeros(ghn_out_ptr, st, mask, HAS_GHN_OUT, BLOCK_B, BLOCK_J)
@@ -928,6 +935,11 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     return grad_gates_x, grad_h0, grad_c0
 
 
+def _gru_n_rows(plan):
+    # tl.dot needs 16 rows of the n block (N in the forward, K in the backward).
+    return max(plan.block_j, 16) if plan.use_dot else plan.block_j
+
+
 def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_after: bool,
                 training: bool, *, plan: Optional[SplitPlan] = None):
     """Run the GRU recurrence over all T steps in one launch; contract of gru.gru_forward.
@@ -968,7 +980,7 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
           y, h_n, gates, gh_n, ring, rh), (T, B, H),
          HAS_H0=h0 is not None, HAS_BHN=bias_hn is not None, HAS_LENGTHS=lengths is not None,
          REVERSE=bool(reverse), RESET_AFTER=bool(reset_after), TRAINING=bool(training),
-         PRECISION=_precision(dtype))
+         BLOCK_N=_gru_n_rows(plan), PRECISION=_precision(dtype))
     return y, h_n, saved
 
 
@@ -1002,5 +1014,5 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
           grad_gx, grad_gh, grad_h0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
          HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
-         PRECISION=_precision(weight_hh.dtype))
+         BLOCK_N=_gru_n_rows(plan), PRECISION=_precision(weight_hh.dtype))
     return grad_gx, grad_gh, grad_h0
