@@ -45,8 +45,9 @@ at least 16 rows, else broadcast-multiply-and-sum on the CUDA cores (tl.dot cann
 16 rows; padding 1 row to 16 would waste 16x). The forward's tensor-core product has a skinny
 output (16 rows x gates * BLOCK_J) and a long reduction (H), so it is a batched tl.dot over
 SPLIT_K pieces of the reduction, one per warp, summed afterwards; a plain tl.dot would make
-every warp hold a copy of the weights (checked by compiling for sm_90). Either way the exchanged fp32 operand is rounded
-to the weights' dtype first, so both paths compute the same thing. State and accumulators fp32.
+every warp hold a copy of the weights (checked by compiling for sm_90). Either way the
+exchanged fp32 operand is rounded to the weights' dtype first, so both paths compute the same
+thing. State and accumulators fp32.
 
 Lengths: row b is active at time t iff t < lengths[b]; an inactive row keeps its state and
 outputs 0 in both directions, so a reversed row starts at t = lengths[b] - 1 from (h0, c0).
@@ -138,8 +139,8 @@ def split_plan(B: int, H: int, dtype: torch.dtype, num_sms: int, cell: str = "ls
     """The layout the launchers use for batch B, hidden size H and ``num_sms`` SMs.
 
     The slice is as narrow as the SM count allows (more SMs share each step's product), but at
-    least 8 units; ``block_j`` forces another width (a power of two, for tests and tuning). Raises ValueError with the reason when no layout fits
-    (see ``supports``)."""
+    least 8 units; ``block_j`` forces another width (a power of two, for tests and tuning).
+    Raises ValueError with the reason when no layout fits (see ``supports``)."""
     if block_j is not None and (block_j < 1 or block_j & (block_j - 1)):
         raise ValueError(f"block_j must be a power of two, got {block_j}")
     plan, reason = _plan_or_reason(B, H, dtype, num_sms, _GATES[cell], block_j)

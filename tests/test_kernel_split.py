@@ -6,7 +6,8 @@ The programs of a split launch wait for each other every step, which the stock i
 thread. That proves the protocol and the indexing, not the GPU's memory ordering or
 co-residency; those need the GPU run of this same file. The layouts are the ones the launchers
 pick for an H100 (132 SMs stand in for the device's SM count on the CPU), or forced narrower
-slices where a default would give a single program.
+slices where a default would give a single program. The fp64 oracles are the step loops of
+test_kernel_lstm.py and test_kernel_gru.py, written independently of any kernel.
 """
 import contextlib
 import math
@@ -18,20 +19,13 @@ pytest.importorskip("triton")
 
 from lstmgru._kernels import _launch as kernel_launch  # noqa: E402  (after the skip: needs triton)
 from lstmgru._kernels import split as K  # noqa: E402
+from _parallel_interpreter import parallel_programs  # noqa: E402
 from test_kernel_gru import h_prev_from_outputs, naive_gru, weight_grad  # noqa: E402
 from test_kernel_lstm import h_prev_of, reference_lstm  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-try:
-    from _parallel_interpreter import parallel_programs
-except ImportError:
-    parallel_programs = None
-needs_threads = pytest.mark.skipif(
-    DEVICE == "cpu" and parallel_programs is None,
-    reason="the split kernels' programs wait for each other: the interpreter needs "
-           "tests/_parallel_interpreter.py to run them")
 
 
 @contextlib.contextmanager
@@ -149,13 +143,11 @@ LSTM_CASES = [
 ]
 
 
-@needs_threads
 @pytest.mark.parametrize("case", LSTM_CASES)
 def test_lstm_fp32_matches_fp64_reference(case):
     check_lstm(**case)
 
 
-@needs_threads
 @pytest.mark.parametrize("case", [
     pytest.param(dict(T=5, B=18, H=40, reverse=True), id="H40-B18-dot"),
     pytest.param(dict(T=5, B=3, H=64, block_j=8, min_programs=8, with_state=False,
@@ -169,7 +161,6 @@ def test_lstm_fp16_matches_fp64_reference(case):
 BF16 = 8 * FP16
 
 
-@needs_threads
 def test_lstm_bf16_multiply_and_sum():
     # Up to 8 rows the products run without tl.dot, so bf16 runs in the interpreter too.
     assert not plan_for(3, 40, torch.bfloat16, "lstm").use_dot
@@ -246,14 +237,12 @@ GRU_CASES = [
 ]
 
 
-@needs_threads
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "original"])
 @pytest.mark.parametrize("case", GRU_CASES)
 def test_gru_fp32_matches_fp64_reference(case, reset_after):
     check_gru(reset_after=reset_after, **case)
 
 
-@needs_threads
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "original"])
 @pytest.mark.parametrize("case", [
     pytest.param(dict(T=4, B=18, H=64, reverse=True, block_j=16, min_programs=8),
@@ -265,7 +254,6 @@ def test_gru_fp16_matches_fp64_reference(case, reset_after):
     check_gru(reset_after=reset_after, dtype=torch.float16, tol=FP16, **case)
 
 
-@needs_threads
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "original"])
 def test_gru_bf16_multiply_and_sum(reset_after):
     check_gru(5, 3, 40, reset_after, dtype=torch.bfloat16, lengths=[5, 2, 3], tol=BF16)
@@ -281,7 +269,6 @@ def test_gru_bf16_tensor_cores_gpu(reset_after):
 # --------------------------------------------------------------------------------------
 # Launch behaviour
 # --------------------------------------------------------------------------------------
-@needs_threads
 def test_inference_saves_nothing_and_matches_training():
     gen = torch.Generator().manual_seed(4)
     T, B, H = 4, 3, 40
@@ -296,7 +283,6 @@ def test_inference_saves_nothing_and_matches_training():
         assert torch.equal(a, b)
 
 
-@needs_threads
 def test_empty_sequence_returns_initial_state():
     gen = torch.Generator().manual_seed(8)
     B, H = 3, 40
@@ -311,7 +297,6 @@ def test_empty_sequence_returns_initial_state():
     assert dgx.shape == (0, B, 4 * H) and torch.equal(dh0, ghn) and torch.equal(dc0, gcn)
 
 
-@needs_threads
 @pytest.mark.parametrize("reset_after", [True, False], ids=["reset_after", "original"])
 def test_gru_one_hidden_unit(reset_after):
     # H=1 is far below one slice: a single program, mostly masked.
