@@ -66,7 +66,8 @@ def compile_case(kernel, cell, B, H, dtype, tf32):
                  FLAG_STRIDE=K._FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
                  BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k,
                  PRECISION="tf32" if tf32 and dtype == torch.float32 else "ieee",
-                 REVERSE=False, TRAINING=True, RESET_AFTER=reset_after, HAS_BHN=reset_after)
+                 REVERSE=False, TRAINING=True, RESET_AFTER=reset_after, HAS_BHN=reset_after,
+                 PART_CHUNK=K._part_chunk(plan))
     if gru:
         const["BLOCK_N"] = K._gru_n_rows(plan)
         # Passed as None: the original GRU has no b_hn and saves no gh_n; only it needs r*h.

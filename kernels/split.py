@@ -323,14 +323,19 @@ def _store_partial(part_ptr, slot, index, slices, row0, B, H, acc, BLOCK_B: tl.c
 
 @triton.jit
 def _sum_partials(part_ptr, slot, slices, row0, B, H, units, BLOCK_B: tl.constexpr,
-                  SLICES_PAD: tl.constexpr):
+                  CHUNK: tl.constexpr):
     """sum over all slices of part[slot, slice, row0 + b, units]: (BLOCK_B, BLOCK_J) fp32,
-    added in a fixed order (bit-identical from run to run)."""
-    sl = tl.arange(0, SLICES_PAD)[:, None, None]
+    CHUNK slices at a time (a bounded register tile), in a fixed order (bit-identical from run
+    to run)."""
+    BLOCK_J: tl.constexpr = units.shape[0]
     rows = (row0 + tl.arange(0, BLOCK_B))[None, :, None]
-    offs = ((slot * slices + sl).to(tl.int64) * B + rows) * H + units[None, None, :]
-    mask = (sl < slices) & (rows < B) & (units < H)[None, None, :]
-    return tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
+    row_ok = (rows < B) & (units < H)[None, None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_J), tl.float32)
+    for c in range(0, slices, CHUNK):
+        sl = c + tl.arange(0, CHUNK)[:, None, None]
+        offs = ((slot * slices + sl).to(tl.int64) * B + rows) * H + units[None, None, :]
+        acc += tl.sum(tl.load(part_ptr + offs, mask=(sl < slices) & row_ok, other=0.0), axis=0)
+    return acc
 
 
 @triton.jit
@@ -455,6 +460,7 @@ def _lstm_bwd_kernel(
     HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
+    PART_CHUNK: tl.constexpr,
     FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -533,7 +539,7 @@ def _lstm_bwd_kernel(
         _publish(flag_ptr, pid, FLAG_STRIDE)
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                       SLICES_PAD)
-        acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
+        acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
         if HAS_LENGTHS:
             # An inactive step passed h through unchanged, and so does its gradient.
             acc = tl.where(active, acc, dh)
@@ -661,8 +667,9 @@ def _gru_bwd_kernel(
     HAS_GY: tl.constexpr, HAS_GHN_OUT: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
-    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLICES_PAD: tl.constexpr, PART_CHUNK: tl.constexpr, FLAG_STRIDE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -741,7 +748,7 @@ def _gru_bwd_kernel(
             spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
                           SLICES_PAD)
             acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B,
-                                SLICES_PAD)
+                                PART_CHUNK)
             dh = tl.where(active, dh_t * z + acc, dh)
         else:
             # Phase 1: the n-gate gradients of all units give d(r * h) = da_n @ W_hn, which the
@@ -756,7 +763,7 @@ def _gru_bwd_kernel(
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 1, spins, err_ptr, 2 * s + 1,
                           FLAG_STRIDE, SLICES_PAD)
-            d_rh = _sum_partials(part_ptr, 0, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
+            d_rh = _sum_partials(part_ptr, 0, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             da_r = tl.where(am, d_rh * h_prev * r * (1.0 - r), 0.0)
             tl.store(ggx_t + g_off, da_r, mask=mask)
             tl.store(ggx_t + g_off + H, da_z, mask=mask)
@@ -770,7 +777,7 @@ def _gru_bwd_kernel(
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 2, spins, err_ptr, 2 * s + 2,
                           FLAG_STRIDE, SLICES_PAD)
-            acc = _sum_partials(part_ptr, 1, SLICES, row0, B, H, units, BLOCK_B, SLICES_PAD)
+            acc = _sum_partials(part_ptr, 1, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             dh = tl.where(active, dh_t * z + d_rh * r + acc, dh)
 
     tl.store(gh0_ptr + st, dh, mask=mask)
@@ -830,6 +837,11 @@ def _precision(dtype):
 def _partials(plan, B, H, device):
     """The backward's exchange: each program's partial dL/dh of every unit, two slots."""
     return torch.empty((2, plan.slices, B, H), device=device, dtype=torch.float32)
+
+
+def _part_chunk(plan):
+    # Partial sums added 16 slices at a time: a (16, block_b, block_j) tile per load.
+    return min(16, triton.next_power_of_2(plan.slices))
 
 
 def _run(kernel, plan, what, device, tensors, scalars, **meta):
@@ -932,7 +944,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
           grad_gates_x, grad_h0, grad_c0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
          HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
-         PRECISION=_precision(dtype))
+         PART_CHUNK=_part_chunk(plan), PRECISION=_precision(dtype))
     return grad_gates_x, grad_h0, grad_c0
 
 
@@ -1015,5 +1027,6 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
           grad_gx, grad_gh, grad_h0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
          HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
-         BLOCK_N=_gru_n_rows(plan), PRECISION=_precision(weight_hh.dtype))
+         BLOCK_N=_gru_n_rows(plan), PART_CHUNK=_part_chunk(plan),
+         PRECISION=_precision(weight_hh.dtype))
     return grad_gx, grad_gh, grad_h0

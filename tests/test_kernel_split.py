@@ -140,6 +140,8 @@ LSTM_CASES = [
                  id="H64-B18-slice16-lengths-reverse-int32"),
     # Hidden size not a multiple of the slice: the last program is partly masked.
     pytest.param(dict(T=12, B=2, H=20), id="H20-B2-T12"),
+    # 17 programs: the backward adds the partial sums 16 slices at a time, so twice.
+    pytest.param(dict(T=3, B=1, H=136, min_programs=17), id="H136-B1-17-programs"),
 ]
 
 
@@ -234,6 +236,7 @@ GRU_CASES = [
     pytest.param(dict(T=5, B=18, H=40, lengths=[5, 2, 0, 1, 3, 4, 5, 5, 1, 2, 3, 4, 5, 5, 4, 3,
                                                 2, 1]), id="H40-B18-lengths"),
     pytest.param(dict(T=9, B=2, H=20, reverse=True), id="H20-B2-T9-reverse"),
+    pytest.param(dict(T=3, B=1, H=136, min_programs=17), id="H136-B1-17-programs"),
 ]
 
 
