@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._common import dot_precision
 from ._math import sigmoid, tanh
 
 # Stand-in SM count where there is no CUDA device (the interpreter): an H100's.
@@ -827,13 +828,6 @@ def _resolve_plan(B, H, dtype, device, cell, plan):
     return split_plan(B, H, dtype, _num_sms(device), cell)
 
 
-def _precision(dtype):
-    # Exact fp32 products unless the user allowed TF32 (as for cuDNN); fp16/bf16 ignore it.
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
-
-
 def _partials(plan, B, H, device):
     """The backward's exchange: each program's partial dL/dh of every unit, two slots."""
     return torch.empty((2, plan.slices, B, H), device=device, dtype=torch.float32)
@@ -909,7 +903,7 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     _run(_lstm_fwd_kernel, plan, "LSTM forward", device,
          (gates_x, h0, c0, weight_hh, lengths, y, h_n, c_n, act, c_seq, ring), (T, B, H),
          HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-         REVERSE=bool(reverse), TRAINING=bool(training), PRECISION=_precision(dtype))
+         REVERSE=bool(reverse), TRAINING=bool(training), PRECISION=dot_precision(dtype, device))
     return y, h_n, c_n, saved
 
 
@@ -944,7 +938,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
           grad_gates_x, grad_h0, grad_c0, _partials(plan, B, H, device)), (T, B, H),
          HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
          HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
-         PART_CHUNK=_part_chunk(plan), PRECISION=_precision(dtype))
+         PART_CHUNK=_part_chunk(plan), PRECISION=dot_precision(dtype, device))
     return grad_gates_x, grad_h0, grad_c0
 
 
@@ -993,7 +987,7 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
           y, h_n, gates, gh_n, ring, rh), (T, B, H),
          HAS_H0=h0 is not None, HAS_BHN=bias_hn is not None, HAS_LENGTHS=lengths is not None,
          REVERSE=bool(reverse), RESET_AFTER=bool(reset_after), TRAINING=bool(training),
-         BLOCK_N=_gru_n_rows(plan), PRECISION=_precision(dtype))
+         BLOCK_N=_gru_n_rows(plan), PRECISION=dot_precision(dtype, device))
     return y, h_n, saved
 
 
@@ -1028,5 +1022,5 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
          HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
          HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
          BLOCK_N=_gru_n_rows(plan), PART_CHUNK=_part_chunk(plan),
-         PRECISION=_precision(weight_hh.dtype))
+         PRECISION=dot_precision(weight_hh.dtype, device))
     return grad_gx, grad_gh, grad_h0

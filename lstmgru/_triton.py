@@ -45,3 +45,24 @@ def unavailable_reason(device_type: str, dtype: torch.dtype) -> Optional[str]:
     if dtype not in KERNEL_DTYPES:
         return f"the kernels support float32, float16 and bfloat16, not {dtype}"
     return None
+
+
+def split_reason(cell: str, batch: int, hidden: int, dtype: torch.dtype,
+                 device_type: str) -> Optional[str]:
+    """Why the split-hidden family cannot take this case (None when it can). Imports the
+    kernels: ask only after ``unavailable_reason`` said None."""
+    from lstmgru._kernels import split
+
+    return split.supports(max(batch, 1), hidden, dtype, device_type, cell)
+
+
+def cost_model_family(cell: str, gates_x: torch.Tensor, hidden: int, reset_after: bool) -> str:
+    """The family ``"triton"`` runs a call on: the cost model's pick (lstmgru._kernels.cost_model)
+    among the families that can take it."""
+    from lstmgru._kernels import cost_model, split
+
+    batch = gates_x.shape[1]
+    if split.supports(max(batch, 1), hidden, gates_x.dtype, gates_x.device, cell) is not None:
+        return "tiled"
+    return cost_model.choose(cell, batch, hidden, gates_x.dtype,
+                             split._num_sms(gates_x.device), reset_after)

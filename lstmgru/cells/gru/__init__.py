@@ -51,10 +51,19 @@ def _triton_supports(case: backends.Case) -> Optional[str]:
     return None
 
 
-def _triton_recurrence(*args):
-    from . import triton_glue  # imports triton: only when a kernel runs
+def _split_supports(case: backends.Case) -> Optional[str]:
+    return _triton_supports(case) or _triton.split_reason("gru", case.batch, case.hidden_size,
+                                                          case.dtype, case.device_type)
 
-    return triton_glue.gru_recurrence(*args)
+
+def _family_recurrence(family):
+    def recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after):
+        from . import triton_glue  # imports triton: only when a kernel runs
+
+        chosen = family or _triton.cost_model_family("gru", gates_x, h0.shape[1], reset_after)
+        return triton_glue.gru_recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
+                                          reset_after, chosen)
+    return recurrence
 
 
 def _reference_supports(case: backends.Case) -> Optional[str]:
@@ -66,5 +75,10 @@ for _cell, _native_forward in (("GRU", native.module_forward), ("GRUCell", nativ
         "native", native.supports, module_forward=_native_forward))
     backends.register(_cell, backends.Implementation(
         "reference", _reference_supports, recurrence=reference.gru_recurrence))
+    # "triton" picks the family per call from the cost model; the others name one.
     backends.register(_cell, backends.Implementation(
-        "triton", _triton_supports, recurrence=_triton_recurrence))
+        "triton", _triton_supports, recurrence=_family_recurrence(None)))
+    backends.register(_cell, backends.Implementation(
+        "triton-tiled", _triton_supports, recurrence=_family_recurrence("tiled")))
+    backends.register(_cell, backends.Implementation(
+        "triton-split", _split_supports, recurrence=_family_recurrence("split")))

@@ -43,10 +43,19 @@ def _triton_supports(case: backends.Case) -> Optional[str]:
     return None
 
 
-def _triton_recurrence(*args):
-    from . import triton_glue  # imports triton: only when a kernel runs
+def _split_supports(case: backends.Case) -> Optional[str]:
+    return _triton_supports(case) or _triton.split_reason("lstm", case.batch, case.hidden_size,
+                                                          case.dtype, case.device_type)
 
-    return triton_glue.lstm_recurrence(*args)
+
+def _family_recurrence(family):
+    def recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse):
+        from . import triton_glue  # imports triton: only when a kernel runs
+
+        chosen = family or _triton.cost_model_family("lstm", gates_x, c0.shape[1], True)
+        return triton_glue.lstm_recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths,
+                                           reverse, chosen)
+    return recurrence
 
 
 def _reference_supports(case: backends.Case) -> Optional[str]:
@@ -58,5 +67,10 @@ for _cell, _native_forward in (("LSTM", native.module_forward), ("LSTMCell", nat
         "native", native.supports, module_forward=_native_forward))
     backends.register(_cell, backends.Implementation(
         "reference", _reference_supports, recurrence=reference.lstm_recurrence))
+    # "triton" picks the family per call from the cost model; the others name one.
     backends.register(_cell, backends.Implementation(
-        "triton", _triton_supports, recurrence=_triton_recurrence))
+        "triton", _triton_supports, recurrence=_family_recurrence(None)))
+    backends.register(_cell, backends.Implementation(
+        "triton-tiled", _triton_supports, recurrence=_family_recurrence("tiled")))
+    backends.register(_cell, backends.Implementation(
+        "triton-split", _split_supports, recurrence=_family_recurrence("split")))

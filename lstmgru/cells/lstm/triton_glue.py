@@ -17,8 +17,24 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
+from ..._kernels import gru as tiled_gru_kernels
+from ..._kernels import lstm as tiled_lstm_kernels
+from ..._kernels import split as split_kernels
 from . import spec
-from ..._kernels import lstm as lstm_kernels
+
+
+class _Tiled:
+    """The batch-tiled family: lstm.py and gru.py, under one name like split.py."""
+
+    lstm_forward = staticmethod(tiled_lstm_kernels.lstm_forward)
+    lstm_backward = staticmethod(tiled_lstm_kernels.lstm_backward)
+    gru_forward = staticmethod(tiled_gru_kernels.gru_forward)
+    gru_backward = staticmethod(tiled_gru_kernels.gru_backward)
+
+
+# The kernel families by name: the batch-tiled kernels and the split-hidden persistent ones
+# take the same arguments and return the same results (lstmgru._kernels.*).
+FAMILIES = {"tiled": _Tiled, "split": split_kernels}
 
 
 def _nothing(like: Tensor) -> Tensor:
@@ -28,16 +44,16 @@ def _nothing(like: Tensor) -> Tensor:
 
 @torch.library.custom_op("lstmgru::lstm_forward", mutates_args=())
 def lstm_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
-                 lengths: Optional[Tensor], reverse: bool,
+                 lengths: Optional[Tensor], reverse: bool, family: str,
                  training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, h_n, c_n, saved = lstm_kernels.lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse,
-                                                   training)
+    y, h_n, c_n, saved = FAMILIES[family].lstm_forward(gates_x, h0, c0, weight_hh, lengths,
+                                                       reverse, training)
     gates, cells = saved if training else (_nothing(y), _nothing(y))
     return y, h_n, c_n, gates, cells
 
 
 @lstm_forward.register_fake
-def _(gates_x, h0, c0, weight_hh, lengths, reverse, training):
+def _(gates_x, h0, c0, weight_hh, lengths, reverse, family, training):
     T, B, G = gates_x.shape
     H = G // 4
     y = gates_x.new_empty(T, B, H)
@@ -51,35 +67,35 @@ def _(gates_x, h0, c0, weight_hh, lengths, reverse, training):
 @torch.library.custom_op("lstmgru::lstm_backward", mutates_args=())
 def lstm_backward(grad_y: Optional[Tensor], grad_h_n: Optional[Tensor],
                   grad_c_n: Optional[Tensor], gates: Tensor, cells: Tensor, c0: Tensor,
-                  weight_hh: Tensor, lengths: Optional[Tensor],
-                  reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    # y and h0 are not read by the kernel (they only feed the weight gradient, below).
-    return lstm_kernels.lstm_backward(grad_y, grad_h_n, grad_c_n, (gates, cells), None, None, c0,
-                                      weight_hh, lengths, reverse)
+                  weight_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
+                  family: str) -> Tuple[Tensor, Tensor, Tensor]:
+    # y and h0 are not read by the kernels (they only feed the weight gradient, below).
+    return FAMILIES[family].lstm_backward(grad_y, grad_h_n, grad_c_n, (gates, cells), None, None,
+                                          c0, weight_hh, lengths, reverse)
 
 
 @lstm_backward.register_fake
-def _(grad_y, grad_h_n, grad_c_n, gates, cells, c0, weight_hh, lengths, reverse):
+def _(grad_y, grad_h_n, grad_c_n, gates, cells, c0, weight_hh, lengths, reverse, family):
     T, B, G = gates.shape
     return gates.new_empty(T, B, G), gates.new_empty(B, G // 4), gates.new_empty(B, G // 4)
 
 
-register_row_vmap(lstm_forward, (1, 0, 0, None, 0, None, None), (1, 0, 0, 1, 1))
-register_row_vmap(lstm_backward, (1, 0, 0, 1, 1, 0, None, 0, None), None)
+register_row_vmap(lstm_forward, (1, 0, 0, None, 0, None, None, None), (1, 0, 0, 1, 1))
+register_row_vmap(lstm_backward, (1, 0, 0, 1, 1, 0, None, 0, None, None), None)
 
 
 def _fast_backward(grads, saved, inputs, outputs, options):
     gates_x, h0, c0, weight_hh, per_row = inputs
-    (reverse,) = options
+    reverse, family = options
     grad_gates, grad_h0, grad_c0 = torch.ops.lstmgru.lstm_backward(*grads, *saved, c0, weight_hh,
-                                                                   per_row, reverse)
+                                                                   per_row, reverse, family)
     grad_weight_hh = recurrent_weight_grad(grad_gates,
                                            previous_states(outputs[0], h0, per_row, reverse))
     return (grad_gates.to(gates_x.dtype), grad_h0.to(h0.dtype), grad_c0.to(c0.dtype),
             grad_weight_hh.to(weight_hh.dtype))
 
 
-def _spec(gates_x, h0, c0, weight_hh, per_row, reverse):
+def _spec(gates_x, h0, c0, weight_hh, per_row, reverse, family):
     return spec.recurrence(gates_x, h0, c0, weight_hh, None, per_row, reverse)
 
 
@@ -90,13 +106,13 @@ _LSTMKernelRecurrence = recurrence_function("LSTMKernelRecurrence",
 
 def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                     weight_hr: Optional[Tensor] = None, lengths: Optional[Lengths] = None,
-                    reverse: bool = False):
-    """``reference.lstm_recurrence`` on the kernels. They have no projection: the registry
-    never sends ``proj_size`` here (``triton`` says so in ``supports``)."""
+                    reverse: bool = False, family: str = "tiled"):
+    """``reference.lstm_recurrence`` on the kernels of ``family`` ("tiled" or "split"). They
+    have no projection: the registry never sends ``proj_size`` here."""
     if weight_hr is not None:
         raise ValueError("the Triton LSTM kernels have no projection (weight_hr)")
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, c0, weight_hh)
     y, h_n, c_n, *_ = _LSTMKernelRecurrence.apply(gates_x, h0, c0, weight_hh, per_row, reverse,
-                                                  training)
+                                                  family, training)
     return y, h_n, c_n
