@@ -297,6 +297,15 @@ def _install_shim():
         nv.subprocess = _SubprocessShim()
 
 
+def _ptxas_version() -> Optional[str]:
+    try:
+        out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
+    except (OSError, TypeError):
+        return None
+    m = re.search(r"release ([\d.]+), (V[\d.]+)", out)
+    return m.group(2) if m else None
+
+
 def ptxas_available() -> bool:
     try:
         return _tool("ptxas") is not None
@@ -534,7 +543,7 @@ def run(arch: str, subset: str, jobs: int = 1, num_sms: int = DEFAULT_SMS,
         "launches": len(rows), "compilations": len(_JOBS),
         "record_s": round(record_s, 1), "compile_wall_s": round(compile_wall, 1),
         "compile_cpu_s": round(sum(r[0]["compile_s"] for r in results.values() if r[0]), 1),
-        "smem_limit_bytes": SMEM_LIMIT,
+        "ptxas": _ptxas_version(), "smem_limit_bytes": SMEM_LIMIT,
         "loop_heuristic": "SASS backward branches; the time loop is the widest loop",
     }
     return {"meta": meta, "records": rows}
@@ -586,12 +595,14 @@ def markdown(report) -> str:
              f"{m['date']}, commit {m['commit']}, torch {m['torch']}, subset `{m['subset']}`, "
              f"{m['launches']} launches ({m['compilations']} distinct compilations) in "
              f"{m['compile_wall_s']} s wall on {m['jobs']} process(es), "
-             f"{m['compile_cpu_s']} s summed compile time. SMs assumed: {m['num_sms']}.", ""]
+             f"{m['compile_cpu_s']} s summed compile time. SMs assumed: {m['num_sms']}."
+             + (f" ptxas {m['ptxas']}." if m.get("ptxas") else "")
+             + (f" Arguments: `{' '.join(m['argv'])}`." if m.get("argv") else ""), ""]
     for n in m["notes"]:
         lines.append(f"- {n}")
     lines += ["", "## Summary", "",
-              "| family | kernels compiled | configs refused | errors | max regs | kernels spilling "
-              "| loop LDL/STL kernels | max smem (bytes) | product per dtype |",
+              "| family | launches | configs refused | errors | max regs | launches spilling "
+              "| launches with loop LDL/STL | max smem (bytes) | product per dtype |",
               "|---|---|---|---|---|---|---|---|---|"]
     for fam, s in summary(report).items():
         prod = "; ".join(f"{d}: " + ", ".join(f"{k} x{v}" for k, v in p.items())
@@ -599,6 +610,30 @@ def markdown(report) -> str:
         lines.append(f"| {fam} | {s['launches']} | {s['refused']} | {s['errors']} | "
                      f"{s['max_registers']} | "
                      f"{s['spilling']} | {s['loop_spilling']} | {s['max_shared_bytes']} | {prod} |")
+    lines += ["", "Per kernel (over all its configurations):", "",
+              "| family | kernel | launches | regs min-max | spilling | max spill st/ld bytes "
+              "| loop LDL/STL (launches) | max smem | product |", "|---|---|---|---|---|---|---|---|---|"]
+    per = {}
+    for r in report["records"]:
+        if "error" not in r:
+            per.setdefault((r["family"], r["kernel"]), []).append(r)
+    for (fam, kern), rs in sorted(per.items()):
+        regs = [r["registers"] or 0 for r in rs]
+        prods = sorted({r["product"] for r in rs})
+        lines.append(
+            f"| {fam} | {kern} | {len(rs)} | {min(regs)}-{max(regs)} | "
+            f"{sum(bool(r['spill_store_bytes'] or r['spill_load_bytes']) for r in rs)} | "
+            f"{max(r['spill_store_bytes'] or 0 for r in rs)}/"
+            f"{max(r['spill_load_bytes'] or 0 for r in rs)} | "
+            f"{sum(bool(r.get('loop_ldl') or r.get('loop_stl')) for r in rs)} | "
+            f"{max(r['shared_bytes'] for r in rs)} | {', '.join(prods)} |")
+    spillers = sorted((r for rs in per.values() for r in rs if r.get("loop_ldl") or r.get("loop_stl")),
+                      key=lambda r: -(r["loop_ldl"] + r["loop_stl"]))
+    if spillers:
+        lines += ["", "Most local-memory instructions inside the time loop:", ""]
+        lines += [f"- {r['family']} {r['kernel']} [{r['label']}]: {r['loop_ldl']} LDL / "
+                  f"{r['loop_stl']} STL, {r['registers']} registers, spills "
+                  f"{r['spill_store_bytes']}/{r['spill_load_bytes']} bytes" for r in spillers[:10]]
     bad = gate_failures(report)
     lines += ["", f"Gate (smem <= {SMEM_LIMIT} bytes everywhere, no LDL/STL in the time loop of "
               f"the gated families, everything compiles): " + ("pass" if not bad else
