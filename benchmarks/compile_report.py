@@ -706,7 +706,9 @@ def main(argv=None):
         os.environ["TRITON_CACHE_DIR"] = tmp
     try:
         report = run(a.arch, a.subset, a.jobs, a.num_sms, a.family, a.limit, select=select)
-        report["meta"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+        # file arguments by name only: the report does not carry this machine's paths
+        report["meta"]["argv"] = [os.path.basename(x) if os.sep in x else x
+                                  for x in (sys.argv[1:] if argv is None else list(argv))]
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
