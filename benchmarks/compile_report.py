@@ -64,10 +64,6 @@ def _gpu_dot_precision(dtype, device):
     return dot_precision(dtype, torch.device("cuda"))
 
 
-def _gpu_precision(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
-
-
 @dataclass
 class Family:
     name: str
@@ -89,7 +85,7 @@ FAMILIES = [
            patches={"supports": lambda opts: (lambda *a, **k: None),
                     "_num_sms": lambda opts: (lambda device: opts["num_sms"]),
                     "_interpreting": lambda opts: (lambda: False),
-                    "_precision": lambda opts: _gpu_precision},
+                    "dot_precision": lambda opts: _gpu_dot_precision},
            cuda_meta={"launch_cooperative_grid": True}),
 ]
 
