@@ -205,7 +205,7 @@ class _RNNBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
-        stdv = 1.0 / math.sqrt(self.hidden_size)
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
@@ -388,8 +388,17 @@ class _RNNBase(nn.Module):
                     kept.append(state)
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                layer_input = self._inter_layer_dropout(layer_input, lengths)
         return layer_input, [torch.stack(kept) for kept in finals]
+
+    def _inter_layer_dropout(self, layer_input, lengths):
+        """Dropout where torch.nn applies it: on the packed data for packed input (so the same
+        seed draws the same mask), on the whole output otherwise."""
+        if lengths is None:
+            return F.dropout(layer_input, self.dropout, training=True)
+        packed = pack_padded_sequence(layer_input, lengths.per_row.cpu(), enforce_sorted=True)
+        data = F.dropout(packed.data, self.dropout, training=True)
+        return pad_packed_sequence(PackedSequence(data, packed.batch_sizes))[0]
 
 
 class LSTM(_RNNBase):
@@ -467,7 +476,7 @@ class _CellBase(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         _check_size_arg("input_size", input_size, 1)
-        _check_size_arg("hidden_size", hidden_size, 1)
+        _check_size_arg("hidden_size", hidden_size, 0)  # torch's cells accept 0
         _check_bool_arg("bias", bias)
         self.mode = mode
         self.input_size = input_size

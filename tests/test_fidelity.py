@@ -190,3 +190,31 @@ def test_meta_device_and_fake_tensors(op, backend):
         m = getattr(lstmgru, op)(3, 4)
         shape = _first(m(_input(op, dtype=torch.float32))).shape
     assert shape == ((2, 4) if "Cell" in op else (4, 2, 4))
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_packed_dropout_equals_torch_bit_for_bit(op, backend):
+    """Inter-layer dropout on packed input draws torch.nn's mask: it is applied where torch
+    applies it, on the packed data."""
+    ours, ref = _pair(op, dtype=torch.float32, dropout=0.4)
+    ours.train(), ref.train()
+    x = torch.randn(5, 3, 3)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+    results = []
+    for m in (ours, ref):
+        torch.manual_seed(17)
+        out, _ = m(packed)
+        results.append(out.data)
+    if backend == "native":
+        assert torch.equal(*results)
+    else:  # the same mask; the values differ by rounding only
+        assert_close(results[0], results[1], "packed dropout", atol=1e-6)
+        assert torch.equal(results[0] == 0, results[1] == 0)
+
+
+@pytest.mark.parametrize("op", ["LSTMCell", "GRUCell"])
+def test_cells_accept_hidden_size_zero_like_torch(op, backend):
+    ours, ref = getattr(lstmgru, op)(10, 0), getattr(torch.nn, op)(10, 0)
+    x = torch.randn(3, 10)
+    got, want = _first(ours(x)), _first(ref(x))
+    assert got.shape == want.shape == (3, 0)
