@@ -6,10 +6,16 @@
 # Writes into OUTDIR:
 #   install.log         pip install -e . (no deps, no build isolation: nothing is downloaded)
 #   env.txt             nvidia-smi, python / torch / CUDA / triton / cuDNN versions, TF32 flags
-#   gpu_tests.log       python -m pytest -m gpu -q tests (a failure is recorded, the script goes on)
-#   gpu.json/.md/.png   python benchmarks/bench.py --preset gpu (time-boxed; configs it had no time
-#                       for are listed in gpu.json meta.skipped), bench.log its console output
-#   summary.txt         exit codes and timings
+#   gpu_tests.log       the GPU tests and the kernel suites on CUDA tensors (a failure is
+#                       recorded, the script goes on)
+#   barrier.json/.log   benchmarks/barrier_bench.py: us per sync at P = 32, 64, 132, each scheme
+#   compile.json/.md    benchmarks/compile_report.py --subset small on the device's triton
+#   gpu-split.*, gpu-tiled.*  python benchmarks/bench.py --preset gpu with --backend
+#                       triton-split / triton-tiled against cuDNN (time-boxed; configs it had no
+#                       time for are listed in meta.skipped), bench-*.log their console output
+#   published.*         B=16 T=1024 H=768 fp16 LSTM, against cuDNN's published 2.01 / 5.19 ms
+#   ncu.txt             one split-kernel launch under ncu --clock-control none, if ncu exists
+#   summary.txt         exit codes and timings (every stage prints a timestamp)
 # Environment knobs: GPU_CHECK_TOTAL_S (default 480), GPU_CHECK_TESTS_MAX_S (default 210),
 # GPU_CHECK_BENCH_ARGS (extra bench.py flags; grid flags replace the gpu preset's axes).
 # Exit status: non-zero when the GPU tests failed (or collected nothing), or the benchmark failed.
@@ -20,7 +26,7 @@ if [[ $# -ne 1 ]]; then
     exit 2
 fi
 TOTAL_S=${GPU_CHECK_TOTAL_S:-480}     # the whole script: 8 minutes
-TESTS_MAX_S=${GPU_CHECK_TESTS_MAX_S:-210}
+TESTS_MAX_S=${GPU_CHECK_TESTS_MAX_S:-150}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}  # extra bench.py flags, e.g. "--dtype bfloat16 --mode training"
 MARGIN_S=25                           # kept back for the bench's report, plot and exit
 
@@ -65,9 +71,12 @@ EOF
 } > "$OUTDIR/env.txt" 2>&1 || echo "environment probe failed (see env.txt)" >&2
 cat "$OUTDIR/env.txt" >&2
 
-echo "== GPU tests (at most ${TESTS_MAX_S}s)" >&2
+stamp() { echo "== [$(date -u +%H:%M:%S) +${SECONDS}s] $*" >&2; }
+
+stamp "GPU tests (at most ${TESTS_MAX_S}s)"
 set +e
-timeout -k 10 "$TESTS_MAX_S" python -m pytest -m gpu -q tests 2>&1 | tee "$OUTDIR/gpu_tests.log"
+timeout -k 10 "$TESTS_MAX_S" python -m pytest -q tests/test_gpu.py tests/test_kernel_split.py \
+    tests/test_kernel_lstm.py tests/test_kernel_gru.py 2>&1 | tee "$OUTDIR/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
 case $tests_rc in
@@ -78,27 +87,49 @@ case $tests_rc in
 esac
 tests_s=$SECONDS
 
-# The benchmark gets what is left. --deadline: no config starts after it; --total-budget spreads the
-# timing over the configs; timeout is the last resort for a hung kernel (gpu.json is rewritten
-# after every config, so it survives a kill).
-left=$(( TOTAL_S - SECONDS - MARGIN_S ))
+stamp "barrier micro-benchmark"
+timeout -k 5 60 python benchmarks/barrier_bench.py --json "$OUTDIR/barrier.json" \
+    > "$OUTDIR/barrier.log" 2>&1 || echo "barrier benchmark failed (see barrier.log)" >&2
+cat "$OUTDIR/barrier.log" >&2
+
+stamp "compile report (small subset, this triton)"
+timeout -k 5 90 python benchmarks/compile_report.py --arch sm_90 --subset small \
+    --json "$OUTDIR/compile.json" --md "$OUTDIR/compile.md" > "$OUTDIR/compile.log" 2>&1 \
+    || echo "compile report failed (see compile.log)" >&2
+
+# The benchmarks share what is left: split first (the family meant to beat cuDNN).
 bench_rc=0
-if (( left < 90 )); then
-    echo "== benchmark skipped: only ${left}s left" | tee "$OUTDIR/bench.log" >&2
-    bench_rc=3
-else
-    # a config started just before the deadline may still compile its kernels: keep 60 s for it
-    deadline=$(( left - 60 ))
-    echo "== benchmark (deadline ${deadline}s, hard limit ${left}s)" >&2
-    set +e
-    timeout -k 10 "$left" python benchmarks/bench.py --preset gpu --out-dir "$OUTDIR" --name gpu \
-        --total-budget "$(( deadline - 15 ))" --deadline "$deadline" $BENCH_ARGS 2>&1 \
-        | tee "$OUTDIR/bench.log"
-    bench_rc=${PIPESTATUS[0]}
-    set -e
-    if (( bench_rc == 124 || bench_rc == 137 )); then
-        echo "benchmark: killed at the ${left}s limit (gpu.json keeps the finished configs)" >&2
+run_bench() {  # name, seconds, bench.py arguments...
+    local name=$1 budget=$2
+    shift 2
+    if (( budget < 45 )); then
+        echo "== $name skipped: only ${budget}s left" | tee "$OUTDIR/bench-$name.log" >&2
+        bench_rc=3
+        return
     fi
+    stamp "benchmark $name (${budget}s)"
+    set +e
+    timeout -k 10 "$budget" python benchmarks/bench.py --out-dir "$OUTDIR" --name "$name" \
+        --total-budget "$(( budget - 40 ))" --deadline "$(( budget - 30 ))" "$@" 2>&1 \
+        | tee "$OUTDIR/bench-$name.log"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    (( rc == 0 )) || bench_rc=$rc
+}
+left=$(( TOTAL_S - SECONDS - MARGIN_S ))
+run_bench published 60 --backend triton-split --op lstm --dtype float16 --batch 16 \
+    --seq-len 1024 --hidden-size 768
+left=$(( TOTAL_S - SECONDS - MARGIN_S ))
+run_bench gpu-split $(( left * 2 / 3 )) --preset gpu --backend triton-split $BENCH_ARGS
+left=$(( TOTAL_S - SECONDS - MARGIN_S ))
+run_bench gpu-tiled "$left" --preset gpu --backend triton-tiled $BENCH_ARGS
+
+if command -v ncu >/dev/null 2>&1 && (( TOTAL_S - SECONDS > 40 )); then
+    stamp "ncu on one split launch"
+    timeout -k 5 30 ncu --clock-control none --launch-count 1 -k regex:_lstm_fwd_kernel \
+        python -c "import torch, lstmgru; m = lstmgru.LSTM(768, 768, device='cuda', dtype=torch.float16)
+with lstmgru.use_backend('triton-split'), torch.no_grad(): m(torch.randn(64, 16, 768, device='cuda', dtype=torch.float16))" \
+        > "$OUTDIR/ncu.txt" 2>&1 || echo "ncu failed or not permitted (see ncu.txt)" >&2
 fi
 
 {
