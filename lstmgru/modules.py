@@ -593,7 +593,9 @@ class _CellBase(nn.Module):
     reset_after = True  # as in _RNNBase
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
+                 reset_after: bool = True):
         super().__init__()
         _check_size_arg("input_size", input_size, 1)
         _check_size_arg("hidden_size", hidden_size, 1)
@@ -612,6 +614,11 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        _set_variant_options(self, layer_norm, zoneout, recurrent_dropout, weight_drop,
+                             reset_after, 0)
+        if layer_norm:
+            for kind, size in _ln_shapes(mode, hidden_size):
+                setattr(self, kind, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     reset_parameters = _RNNBase.reset_parameters
@@ -620,16 +627,28 @@ class _CellBase(nn.Module):
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _variants_repr(self)
 
-    def _implementation(self, input) -> backends.Implementation:
+    def _norms(self, dtype) -> Optional[list]:
+        if not self.layer_norm:
+            return None
+        return [getattr(self, kind).to(dtype) for kind, _ in _ln_shapes(self.mode,
+                                                                      self.hidden_size)]
+
+    def _cell_reset(self, reset, x: torch.Tensor, batched: bool) -> Optional[torch.Tensor]:
+        if reset is None:
+            return None
+        expected = (x.shape[0],) if batched else ()
+        return _check_reset(reset, self.mode, expected, x.device).reshape(1, x.shape[0])
+
+    def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
         transform = _transform()
         batch = 0 if transform == "torch.compile" else input.shape[0] if input.dim() == 2 else 1
         return backends.select(backends.Case(
             self.mode, _device_type(input), _case_dtype(input, autocast_covers_cpu=False),
-            self.hidden_size, batch, 0, self.reset_after, (), transform))
+            self.hidden_size, batch, 0, self.reset_after, variants, transform))
 
     def _weights(self, dtype: torch.dtype) -> list:
         """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""
@@ -691,16 +710,28 @@ class LSTMCell(_CellBase):
     """Drop-in :class:`torch.nn.LSTMCell`: one step of :class:`lstmgru.LSTM`."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None):
-        super().__init__("LSTMCell", input_size, hidden_size, bias, device, dtype)
+                 dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+        super().__init__("LSTMCell", input_size, hidden_size, bias, device, dtype,
+                         layer_norm=layer_norm, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop)
 
     def forward(self, input: torch.Tensor,
-                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        implementation = self._implementation(input)
+                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *, reset=None):
+        options, variants = _variants_of_call(self, reset)
+        implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
         with _autocast_off(x.device):
+            if variants:
+                weights = self._weights(x.dtype)
+                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
+                                                 self.hidden_size)
+                _, h, c = cell_variants.lstm_layer(
+                    x.unsqueeze(0), weights + [None], self._norms(x.dtype), h0, c0, None, False,
+                    options, masks, self._cell_reset(reset, x, batched))
+                return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
             _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0, c0,
                                       None, False, implementation.recurrence)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
@@ -711,19 +742,32 @@ class GRUCell(_CellBase):
     original ``reset_after=False`` form (see :class:`lstmgru.GRU`)."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, reset_after: bool = True):
-        super().__init__("GRUCell", input_size, hidden_size, bias, device, dtype)
+                 dtype=None, *, reset_after: bool = True, layer_norm: bool = False,
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+        super().__init__("GRUCell", input_size, hidden_size, bias, device, dtype,
+                         layer_norm=layer_norm, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
+                         reset_after=reset_after)
         self.reset_after = bool(reset_after)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
-    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
-        implementation = self._implementation(input)
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None, *, reset=None):
+        options, variants = _variants_of_call(self, reset)
+        implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
         with _autocast_off(x.device):
+            if variants:
+                weights = self._weights(x.dtype)
+                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
+                                                 self.hidden_size)
+                _, h = cell_variants.gru_layer(
+                    x.unsqueeze(0), weights, self._norms(x.dtype), h0, None, False,
+                    self.reset_after, options, masks, self._cell_reset(reset, x, batched))
+                return h if batched else h.squeeze(0)
             _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
                                   self.reset_after, implementation.recurrence)
         return h if batched else h.squeeze(0)
