@@ -157,6 +157,8 @@ def _check_reset(reset, mode: str, expected: tuple, device) -> torch.Tensor:
 class _RNNBase(nn.Module):
     mode: str
     reset_after = True  # the GRU's form; a class attribute, so that reading it is cheap
+    # Cell-variant options (instances set them; these defaults serve modules pickled before)
+    layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
 
     # torch.nn.RNNBase's flat-weight bookkeeping and argument checks, taken as they are (they
     # are plain functions of the module's attributes), so that torch.nn's own forward can run
@@ -591,6 +593,7 @@ class GRU(_RNNBase):
 class _CellBase(nn.Module):
     mode: str
     reset_after = True  # as in _RNNBase
+    layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
