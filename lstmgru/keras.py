@@ -74,8 +74,8 @@ def _check_layer(layer, keras) -> str:
         _refuse("go_backwards", True, "go_backwards=False (reverse the input yourself)")
     if layer.stateful:
         _refuse("stateful", True, "stateful=False (pass the initial state to forward instead)")
-    # dropout / recurrent_dropout act only in training, unroll and use_cudnn only choose
-    # how Keras runs the same function: none of them changes inference, so all are accepted.
+    # dropout / recurrent_dropout act only in training (recurrent_dropout is carried over),
+    # unroll and use_cudnn only choose how Keras runs the same function: all are accepted.
     return kind
 
 
@@ -102,7 +102,8 @@ def from_keras(layer) -> torch.nn.Module:
         A float32 module with ``batch_first=True``, one layer, one direction, on the CPU.
         ``module(x)[0]`` equals the Keras layer's output with ``return_sequences=True``; for a
         layer built with ``return_sequences=False`` take ``module(x)[0][:, -1]``. Move it
-        with ``.to(device)`` as usual.
+        with ``.to(device)`` as usual. With a Keras ``recurrent_dropout`` call
+        ``module.eval()`` first: in training mode the module drops out as Keras' training does.
 
     Raises:
         TypeError: ``layer`` is not a Keras LSTM or GRU layer.
@@ -110,8 +111,10 @@ def from_keras(layer) -> torch.nn.Module:
             compute exactly: an activation other than tanh, a recurrent activation other
             than sigmoid, ``go_backwards=True`` or ``stateful=True``.
 
-    Not ported, because they do not affect inference: ``dropout`` and
-    ``recurrent_dropout`` (training-time only; set dropout on your own torch layers if you
+    ``recurrent_dropout`` becomes the module's ``recurrent_dropout`` (one mask per call, batch
+    row and unit, fixed over the steps, on ``h`` in the recurrent products only; training
+    only, so ``module.eval()`` computes what Keras' inference computes). Not ported, because
+    they do not affect inference: ``dropout`` (set dropout on your own torch layers if you
     keep training), regularizers, constraints, initializers, ``unroll``, ``use_cudnn`` and
     ``implementation``. Also not representable per layer: masks that Keras receives from an
     ``Embedding(mask_zero=True)`` or ``Masking`` layer upstream (use
@@ -148,8 +151,11 @@ def from_keras(layer) -> torch.nn.Module:
 
     from . import GRU, LSTM  # noqa: PLC0415 - the package imports this module
 
+    recurrent_dropout = float(getattr(layer, "recurrent_dropout", 0.0) or 0.0)
+
     if kind == "lstm":
-        module = LSTM(input_size, units, bias=use_bias, batch_first=True, dtype=torch.float32)
+        module = LSTM(input_size, units, bias=use_bias, batch_first=True, dtype=torch.float32,
+                      recurrent_dropout=recurrent_dropout)
         w_ih, w_hh = kernel.T, recurrent_kernel.T
         b_ih = bias
         b_hh = None if bias is None else np.zeros_like(bias)
@@ -162,6 +168,7 @@ def from_keras(layer) -> torch.nn.Module:
             batch_first=True,
             dtype=torch.float32,
             reset_after=reset_after,
+            recurrent_dropout=recurrent_dropout,
         )
         w_ih = _reorder_gru(kernel, units).T
         w_hh = _reorder_gru(recurrent_kernel, units).T

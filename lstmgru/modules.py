@@ -27,6 +27,7 @@ from . import backends
 from ._sequence import Lengths
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
+from .cells import variants as cell_variants
 
 _GATES = {"LSTM": 4, "GRU": 3}
 
@@ -93,9 +94,71 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _ln_shapes(mode: str, hidden_size: int):
+    """The layer-norm parameters of one layer-direction (or cell), in registration order."""
+    gates = _GATES[mode.replace("Cell", "")] * hidden_size
+    shapes = [("ln_ih_weight", gates), ("ln_hh_weight", gates)]
+    if mode.startswith("LSTM"):
+        shapes += [("ln_c_weight", hidden_size), ("ln_c_bias", hidden_size)]
+    return shapes
+
+
+def _set_variant_options(module, layer_norm, zoneout, recurrent_dropout, weight_drop,
+                         reset_after, proj_size) -> None:
+    """Checks and stores the cell-variant options (``lstmgru.cells.variants``)."""
+    _check_bool_arg("layer_norm", layer_norm)
+    module.zoneout = cell_variants.check_probability("zoneout", zoneout)
+    module.recurrent_dropout = cell_variants.check_probability("recurrent_dropout",
+                                                               recurrent_dropout)
+    module.weight_drop = cell_variants.check_probability("weight_drop", weight_drop)
+    if layer_norm and not reset_after:
+        raise ValueError("layer_norm=True is defined for the GRU with reset_after=True only")
+    if layer_norm and proj_size:
+        raise ValueError("layer_norm=True does not support proj_size > 0")
+    module.layer_norm = layer_norm
+    # The options that are set (whatever the training flag): lstmgru.to_torch refuses them.
+    module.variants = cell_variants.Options(layer_norm, module.zoneout, module.recurrent_dropout,
+                                            module.weight_drop).in_force()
+
+
+def _variants_repr(module) -> str:
+    s = ", layer_norm=True" if module.layer_norm else ""
+    for name in cell_variants.NAMES[1:]:
+        if getattr(module, name):
+            s += f", {name}={getattr(module, name)}"
+    return s
+
+
+def _variants_of_call(module, reset) -> Tuple[cell_variants.Options, Tuple[str, ...]]:
+    """The variants in force for this call and their names (``Case.variants``): dropout-like
+    ones only in training, "reset" where a reset tensor is given."""
+    if not (module.layer_norm or module.zoneout or module.recurrent_dropout
+            or module.weight_drop) and reset is None:
+        return _NO_OPTIONS, ()
+    options = cell_variants.Options.of(module, module.training)
+    names = options.in_force()
+    if reset is not None:
+        names += ("reset",)
+    return options, names
+
+
+_NO_OPTIONS = cell_variants.Options()
+
+
+def _check_reset(reset, mode: str, expected: tuple, device) -> torch.Tensor:
+    if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool:
+        raise ValueError(f"{mode}: reset must be a bool tensor, got "
+                         f"{getattr(reset, 'dtype', type(reset).__name__)}")
+    if _shape(reset) != expected:
+        raise ValueError(f"{mode}: expected reset of shape {expected}, got {_shape(reset)}")
+    return reset.to(device)
+
+
 class _RNNBase(nn.Module):
     mode: str
     reset_after = True  # the GRU's form; a class attribute, so that reading it is cheap
+    # Cell-variant options (instances set them; these defaults serve modules pickled before)
+    layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
 
     # torch.nn.RNNBase's flat-weight bookkeeping and argument checks, taken as they are (they
     # are plain functions of the module's attributes), so that torch.nn's own forward can run
@@ -112,7 +175,10 @@ class _RNNBase(nn.Module):
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
+                 *, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
+                 reset_after: bool = True):
         super().__init__()
         _check_size_arg("input_size", input_size, 1)
         _check_size_arg("hidden_size", hidden_size, 1)
@@ -135,6 +201,8 @@ class _RNNBase(nn.Module):
                              f"{proj_size} and hidden_size={hidden_size}")
         if proj_size and mode != "LSTM":
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        _set_variant_options(self, layer_norm, zoneout, recurrent_dropout, weight_drop,
+                             reset_after, proj_size)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -168,6 +236,10 @@ class _RNNBase(nn.Module):
                     names.append(name)
                 self._all_weights.append(names)
                 self._flat_weights_names.extend(names)
+                if layer_norm:  # not flat weights: torch's kernels never see them
+                    for kind, size in _ln_shapes(mode, hidden_size):
+                        setattr(self, kind + suffix,
+                                nn.Parameter(torch.empty(size, **factory)))
         self._init_flat_weights()
         self.reset_parameters()
 
@@ -204,10 +276,15 @@ class _RNNBase(nn.Module):
         return replica
 
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)); the layer
+        norms' gains 1 and biases 0 (drawing nothing, so the others match torch.nn's)."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters(recurse=False):
+            if name.startswith("ln_"):
+                with torch.no_grad():
+                    weight.fill_(0.0 if "_bias" in name else 1.0)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -227,7 +304,7 @@ class _RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _variants_repr(self)
 
     # ---------------------------------------------------------------- argument checks
     def _check_input(self, x: torch.Tensor, what: str = "input") -> None:
@@ -300,7 +377,7 @@ class _RNNBase(nn.Module):
         return states
 
     # ---------------------------------------------------------------- forward
-    def _implementation(self, input) -> backends.Implementation:
+    def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         """The implementation that runs this call. Cheap (a cached decision per case): on the
         native path this is all a call costs beyond torch.nn's own forward."""
         packed = isinstance(input, PackedSequence)
@@ -318,10 +395,11 @@ class _RNNBase(nn.Module):
             batch = 1 if data.dim() != 3 else data.shape[0 if self.batch_first else 1]
         return backends.select(backends.Case(
             self.mode, _device_type(data), _case_dtype(data, self.mode == "LSTM"),
-            self.hidden_size, batch, self.proj_size, self.reset_after, (), transform))
+            self.hidden_size, batch, self.proj_size, self.reset_after, variants, transform))
 
-    def forward(self, input, hx=None):
-        implementation = self._implementation(input)
+    def forward(self, input, hx=None, *, reset=None):
+        options, variants = _variants_of_call(self, reset)
+        implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         if isinstance(input, PackedSequence):
@@ -351,10 +429,27 @@ class _RNNBase(nn.Module):
                                f"(input has shape {_shape(input if lengths is None else x)})")
         batch = x.shape[1]
         states = self._initial_states(hx, x, batch, batched, sorted_indices)
+        if reset is not None:
+            # reset follows the input's layout: (T, B), (B, T) with batch_first, (T,)
+            # unbatched, and (T_max, B) in the original batch order for a PackedSequence.
+            if lengths is not None:
+                expected = (x.shape[0], batch)
+            elif not batched:
+                expected = (x.shape[0],)
+            else:
+                expected = _shape(input)[:2]
+            reset = _check_reset(reset, self.mode, expected, x.device)
+            if not batched:
+                reset = reset.unsqueeze(1)
+            elif lengths is None and self.batch_first:
+                reset = reset.t()
+            elif sorted_indices is not None:
+                reset = reset.index_select(1, sorted_indices.to(x.device))
         dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
         with _autocast_off(x.device):
             output, final = self._layers(x.to(dtype).contiguous(), [s.to(dtype) for s in states],
-                                         lengths, dtype, implementation.recurrence)
+                                         lengths, dtype, implementation.recurrence,
+                                         options if variants else None, reset)
 
         if lengths is not None:
             packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
@@ -368,8 +463,10 @@ class _RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, (tuple(final) if self.mode == "LSTM" else final[0])
 
-    def _layers(self, x, states, lengths, dtype, recurrence):
-        """All layers and directions: x (T, B, I) -> output (T, B, D*P), final states."""
+    def _layers(self, x, states, lengths, dtype, recurrence, options=None, reset=None):
+        """All layers and directions: x (T, B, I) -> output (T, B, D*P), final states.
+        With ``options`` (variants in force) each layer-direction runs
+        ``lstmgru.cells.variants`` with its own masks, drawn here in layer-direction order."""
         directions = 2 if self.bidirectional else 1
         self._update_flat_weights()  # parametrizations and functional_call swap the weights
         per_layer = len(self._all_weights[0])
@@ -381,8 +478,14 @@ class _RNNBase(nn.Module):
                 index = layer * directions + direction
                 weights = [w.to(dtype) for w in
                            self._flat_weights[index * per_layer:(index + 1) * per_layer]]
-                y, *last = self._run_layer(layer_input, weights, [s[index] for s in states],
-                                           lengths, direction == 1, recurrence)
+                layer_states = [s[index] for s in states]
+                if options is None:
+                    y, *last = self._run_layer(layer_input, weights, layer_states, lengths,
+                                               direction == 1, recurrence)
+                else:
+                    y, *last = self._run_variant_layer(
+                        layer_input, weights, self._norms(layer, direction, dtype),
+                        layer_states, lengths, direction == 1, options, reset)
                 outputs.append(y)
                 for kept, state in zip(finals, last):
                     kept.append(state)
@@ -400,6 +503,19 @@ class _RNNBase(nn.Module):
         data = F.dropout(packed.data, self.dropout, training=True)
         return pad_packed_sequence(PackedSequence(data, packed.batch_sizes))[0]
 
+    def _norms(self, layer: int, direction: int, dtype) -> Optional[list]:
+        if not self.layer_norm:
+            return None
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        return [getattr(self, kind + suffix).to(dtype)
+                for kind, _ in _ln_shapes(self.mode, self.hidden_size)]
+
+    def _split_weights(self, weights):
+        weight_ih, weight_hh, *rest = weights
+        bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
+        weight_hr = rest[-1] if self.proj_size > 0 else None
+        return weight_ih, weight_hh, bias_ih, bias_hh, weight_hr
+
 
 class LSTM(_RNNBase):
     r"""Drop-in :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs).
@@ -416,9 +532,13 @@ class LSTM(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None):
+                 proj_size: int = 0, device=None, dtype=None, *, layer_norm: bool = False,
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                 weight_drop: float = 0.0):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype)
+                         bidirectional, proj_size, device, dtype, layer_norm=layer_norm,
+                         zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                         weight_drop=weight_drop)
 
     check_forward_args = nn.LSTM.check_forward_args
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -430,6 +550,15 @@ class LSTM(_RNNBase):
         weight_hr = rest[-1] if self.proj_size > 0 else None
         return lstm_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
                                states[0], states[1], lengths, reverse, recurrence)
+
+    def _run_variant_layer(self, layer_input, weights, norms, states, lengths, reverse, options,
+                           reset):
+        weights = self._split_weights(weights)
+        T, B = layer_input.shape[:2]
+        masks = cell_variants.draw_masks(options, weights[1], T, B, states[0].shape[1])
+        return cell_variants.lstm_layer(layer_input, weights, norms, states[0], states[1],
+                                        None if lengths is None else lengths.per_row, reverse,
+                                        options, masks, reset)
 
 
 class GRU(_RNNBase):
@@ -453,9 +582,13 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, proj_size: int = 0, reset_after: bool = True):
+                 device=None, dtype=None, *, proj_size: int = 0, reset_after: bool = True,
+                 layer_norm: bool = False, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                 weight_drop: float = 0.0):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype)
+                         bidirectional, proj_size, device, dtype, layer_norm=layer_norm,
+                         zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                         weight_drop=weight_drop, reset_after=reset_after)
         self.reset_after = bool(reset_after)
 
     def extra_repr(self) -> str:
@@ -467,13 +600,25 @@ class GRU(_RNNBase):
         return gru_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh), states[0],
                               lengths, reverse, self.reset_after, recurrence)
 
+    def _run_variant_layer(self, layer_input, weights, norms, states, lengths, reverse, options,
+                           reset):
+        weights = self._split_weights(weights)[:4]
+        T, B = layer_input.shape[:2]
+        masks = cell_variants.draw_masks(options, weights[1], T, B, states[0].shape[1])
+        return cell_variants.gru_layer(layer_input, weights, norms, states[0],
+                                       None if lengths is None else lengths.per_row, reverse,
+                                       self.reset_after, options, masks, reset)
+
 
 class _CellBase(nn.Module):
     mode: str
     reset_after = True  # as in _RNNBase
+    layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
+                 reset_after: bool = True):
         super().__init__()
         _check_size_arg("input_size", input_size, 1)
         _check_size_arg("hidden_size", hidden_size, 0)  # torch's cells accept 0
@@ -492,6 +637,11 @@ class _CellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        _set_variant_options(self, layer_norm, zoneout, recurrent_dropout, weight_drop,
+                             reset_after, 0)
+        if layer_norm:
+            for kind, size in _ln_shapes(mode, hidden_size):
+                setattr(self, kind, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     reset_parameters = _RNNBase.reset_parameters
@@ -500,16 +650,28 @@ class _CellBase(nn.Module):
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _variants_repr(self)
 
-    def _implementation(self, input) -> backends.Implementation:
+    def _norms(self, dtype) -> Optional[list]:
+        if not self.layer_norm:
+            return None
+        return [getattr(self, kind).to(dtype) for kind, _ in _ln_shapes(self.mode,
+                                                                      self.hidden_size)]
+
+    def _cell_reset(self, reset, x: torch.Tensor, batched: bool) -> Optional[torch.Tensor]:
+        if reset is None:
+            return None
+        expected = (x.shape[0],) if batched else ()
+        return _check_reset(reset, self.mode, expected, x.device).reshape(1, x.shape[0])
+
+    def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
         transform = _transform()
         batch = 0 if transform == "torch.compile" else input.shape[0] if input.dim() == 2 else 1
         return backends.select(backends.Case(
             self.mode, _device_type(input), _case_dtype(input, autocast_covers_cpu=False),
-            self.hidden_size, batch, 0, self.reset_after, (), transform))
+            self.hidden_size, batch, 0, self.reset_after, variants, transform))
 
     def _weights(self, dtype: torch.dtype) -> list:
         """weight_ih, weight_hh, bias_ih, bias_hh in the dtype the step runs in."""
@@ -575,16 +737,28 @@ class LSTMCell(_CellBase):
     """Drop-in :class:`torch.nn.LSTMCell`: one step of :class:`lstmgru.LSTM`."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None):
-        super().__init__("LSTMCell", input_size, hidden_size, bias, device, dtype)
+                 dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+        super().__init__("LSTMCell", input_size, hidden_size, bias, device, dtype,
+                         layer_norm=layer_norm, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop)
 
     def forward(self, input: torch.Tensor,
-                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        implementation = self._implementation(input)
+                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *, reset=None):
+        options, variants = _variants_of_call(self, reset)
+        implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
         with _autocast_off(x.device):
+            if variants:
+                weights = self._weights(x.dtype)
+                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
+                                                 self.hidden_size)
+                _, h, c = cell_variants.lstm_layer(
+                    x.unsqueeze(0), weights + [None], self._norms(x.dtype), h0, c0, None, False,
+                    options, masks, self._cell_reset(reset, x, batched))
+                return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
             _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0, c0,
                                       None, False, implementation.recurrence)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
@@ -595,19 +769,32 @@ class GRUCell(_CellBase):
     original ``reset_after=False`` form (see :class:`lstmgru.GRU`)."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, reset_after: bool = True):
-        super().__init__("GRUCell", input_size, hidden_size, bias, device, dtype)
+                 dtype=None, *, reset_after: bool = True, layer_norm: bool = False,
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+        super().__init__("GRUCell", input_size, hidden_size, bias, device, dtype,
+                         layer_norm=layer_norm, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
+                         reset_after=reset_after)
         self.reset_after = bool(reset_after)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
-    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None):
-        implementation = self._implementation(input)
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None, *, reset=None):
+        options, variants = _variants_of_call(self, reset)
+        implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
         with _autocast_off(x.device):
+            if variants:
+                weights = self._weights(x.dtype)
+                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
+                                                 self.hidden_size)
+                _, h = cell_variants.gru_layer(
+                    x.unsqueeze(0), weights, self._norms(x.dtype), h0, None, False,
+                    self.reset_after, options, masks, self._cell_reset(reset, x, batched))
+                return h if batched else h.squeeze(0)
             _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
                                   self.reset_after, implementation.recurrence)
         return h if batched else h.squeeze(0)

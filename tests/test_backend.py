@@ -23,7 +23,8 @@ def test_default_is_auto():
 
 
 def test_names_come_from_the_registry():
-    assert backends.names() == ("auto", "native", "reference", "triton")
+    assert backends.names() == ("auto", "native", "reference", "triton", "triton-split",
+                                "triton-tiled")
 
 
 @pytest.mark.parametrize("name", ["auto", "reference", "native", "triton"])

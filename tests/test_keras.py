@@ -113,7 +113,9 @@ def test_training_only_options_are_accepted(cls):
         9,
     )
     x = _inputs(10)
-    np.testing.assert_allclose(_torch_out(from_keras(layer), x)[0], _keras_out(layer, x), **TOL)
+    module = from_keras(layer)
+    assert module.recurrent_dropout == pytest.approx(0.2)
+    np.testing.assert_allclose(_torch_out(module.eval(), x)[0], _keras_out(layer, x), **TOL)
 
 
 def test_converted_module_trains_and_state_dict_moves_to_torch_nn():
