@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends
+from . import onnx as _onnx
 from ._sequence import Lengths
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
@@ -313,6 +314,9 @@ class _RNNBase(nn.Module):
         implementation = self._implementation(input)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
+        exporting = _onnx.is_exporting()
+        if exporting:
+            self._check_onnx(input)
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
@@ -341,9 +345,14 @@ class _RNNBase(nn.Module):
         batch = x.shape[1]
         states = self._initial_states(hx, x, batch, batched, sorted_indices)
         dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
-        with _autocast_off(x.device):
-            output, final = self._layers(x.to(dtype).contiguous(), [s.to(dtype) for s in states],
-                                         lengths, dtype, implementation.recurrence)
+        if exporting:  # ONNX's own LSTM / GRU nodes, one per layer (lstmgru.onnx)
+            output, final = self._onnx_layers(x.to(dtype), [s.to(dtype) for s in states],
+                                              dtype)
+        else:
+            with _autocast_off(x.device):
+                output, final = self._layers(x.to(dtype).contiguous(),
+                                             [s.to(dtype) for s in states], lengths, dtype,
+                                             implementation.recurrence)
 
         if lengths is not None:
             packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
@@ -381,6 +390,38 @@ class _RNNBase(nn.Module):
         return layer_input, [torch.stack(kept) for kept in finals]
 
 
+    def _check_onnx(self, input) -> None:
+        if isinstance(input, PackedSequence):
+            raise _onnx.unsupported("PackedSequence input (pass padded tensors)", self.mode)
+        if self.proj_size > 0:
+            raise _onnx.unsupported(f"proj_size={self.proj_size} (ONNX's LSTM has no projection)",
+                                    self.mode)
+
+    def _onnx_layers(self, x, states, dtype):
+        """``_layers`` while ``torch.onnx.export`` traces: one ONNX node per layer, both
+        directions in it."""
+        directions = 2 if self.bidirectional else 1
+        self._update_flat_weights()
+        per_layer = len(self._all_weights[0])
+        finals: List[List[torch.Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            weights = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                w = [w.to(dtype) for w in
+                     self._flat_weights[index * per_layer:(index + 1) * per_layer]]
+                weights.append(w[:4] if self.bias else [w[0], w[1], None, None])
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_input, *last = self._onnx_layer(layer_input, weights,
+                                                  [s[rows] for s in states])
+            for kept, state in zip(finals, last):
+                kept.append(state)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, [torch.cat(kept) for kept in finals]
+
+
 class LSTM(_RNNBase):
     r"""Drop-in :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs).
 
@@ -410,6 +451,9 @@ class LSTM(_RNNBase):
         weight_hr = rest[-1] if self.proj_size > 0 else None
         return lstm_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
                                states[0], states[1], lengths, reverse, recurrence)
+
+    def _onnx_layer(self, layer_input, weights, states):
+        return _onnx.lstm_layer(layer_input, weights, states[0], states[1])
 
 
 class GRU(_RNNBase):
@@ -446,6 +490,9 @@ class GRU(_RNNBase):
         bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
         return gru_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh), states[0],
                               lengths, reverse, self.reset_after, recurrence)
+
+    def _onnx_layer(self, layer_input, weights, states):
+        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after)
 
 
 class _CellBase(nn.Module):
