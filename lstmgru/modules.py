@@ -607,9 +607,14 @@ class LSTMCell(_CellBase):
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
-        with _autocast_off(x.device):
-            _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0, c0,
-                                      None, False, implementation.recurrence)
+        if _onnx.is_exporting():  # one step of ONNX's LSTM
+            _, h, c = _onnx.lstm_layer(x.unsqueeze(0), [self._weights(x.dtype)], h0.unsqueeze(0),
+                                       c0.unsqueeze(0))
+            h, c = h[0], c[0]
+        else:
+            with _autocast_off(x.device):
+                _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0,
+                                          c0, None, False, implementation.recurrence)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -630,7 +635,11 @@ class GRUCell(_CellBase):
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
-        with _autocast_off(x.device):
-            _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
-                                  self.reset_after, implementation.recurrence)
+        if _onnx.is_exporting():  # one step of ONNX's GRU
+            h = _onnx.gru_layer(x.unsqueeze(0), [self._weights(x.dtype)], h0.unsqueeze(0),
+                                self.reset_after)[1][0]
+        else:
+            with _autocast_off(x.device):
+                _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
+                                      self.reset_after, implementation.recurrence)
         return h if batched else h.squeeze(0)
