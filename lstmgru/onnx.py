@@ -41,15 +41,17 @@ def unsupported(feature: str, mode: str) -> NotImplementedError:
         "express it")
 
 
-def _reorder(t: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-    # Slices (not chunk, which exports as a multi-output Split that the exporter's constant
-    # folding skips): on the parameters they fold into initializers.
-    size = t.shape[0] // len(order)
-    return torch.cat([t[i * size:(i + 1) * size] for i in order])
+def _onnx_gate_order(t: torch.Tensor, dim: int, order: Sequence[int]) -> torch.Tensor:
+    """``t`` with the gate blocks along ``dim`` in ONNX's order: one Gather (the exporter
+    folds only small constants, so on large weights the reordering stays in the graph, and
+    a Gather keeps it short)."""
+    index = torch.tensor(order, device=t.device)
+    return t.unflatten(dim, (len(order), -1)).index_select(dim, index).flatten(dim, dim + 1)
 
 
 def _stack(tensors: List[torch.Tensor], order: Sequence[int]) -> torch.Tensor:
-    return torch.stack([_reorder(t, order) for t in tensors])
+    """The directions' (G*H, K) weights as ONNX's (D, G*H, K)."""
+    return _onnx_gate_order(torch.stack(tensors), 1, order)
 
 
 def _direction(directions: int, reverse: bool) -> str:
@@ -58,10 +60,11 @@ def _direction(directions: int, reverse: bool) -> str:
 
 def _bias(bias_ih: List[Optional[torch.Tensor]], bias_hh: List[Optional[torch.Tensor]],
           order: Sequence[int]) -> Optional[torch.Tensor]:
+    """ONNX's (D, 2*G*H) bias: each direction's [b_ih; b_hh]."""
     if bias_ih[0] is None:
         return None
-    return torch.stack([torch.cat([_reorder(bi, order), _reorder(bh, order)])
-                        for bi, bh in zip(bias_ih, bias_hh)])
+    both = torch.stack([torch.stack([bi, bh]) for bi, bh in zip(bias_ih, bias_hh)])
+    return _onnx_gate_order(both, 2, order).flatten(1, 2)
 
 
 def lstm_layer(x: torch.Tensor, weights: Sequence[Sequence[Optional[torch.Tensor]]],
