@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends
+from . import onnx as _onnx
 from ._sequence import Lengths
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
@@ -402,6 +403,10 @@ class _RNNBase(nn.Module):
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
+        exporting = _onnx.is_exporting()
+        if exporting:
+            _onnx.refuse_variants(self.mode, variants)
+            self._check_onnx(input)
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
@@ -446,10 +451,15 @@ class _RNNBase(nn.Module):
             elif sorted_indices is not None:
                 reset = reset.index_select(1, sorted_indices.to(x.device))
         dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
-        with _autocast_off(x.device):
-            output, final = self._layers(x.to(dtype).contiguous(), [s.to(dtype) for s in states],
-                                         lengths, dtype, implementation.recurrence,
-                                         options if variants else None, reset)
+        if exporting:  # ONNX's own LSTM / GRU nodes, one per layer (lstmgru.onnx)
+            output, final = self._onnx_layers(x.to(dtype), [s.to(dtype) for s in states],
+                                              dtype)
+        else:
+            with _autocast_off(x.device):
+                output, final = self._layers(x.to(dtype).contiguous(),
+                                             [s.to(dtype) for s in states], lengths, dtype,
+                                             implementation.recurrence,
+                                             options if variants else None, reset)
 
         if lengths is not None:
             packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
@@ -517,6 +527,38 @@ class _RNNBase(nn.Module):
         return weight_ih, weight_hh, bias_ih, bias_hh, weight_hr
 
 
+    def _check_onnx(self, input) -> None:
+        if isinstance(input, PackedSequence):
+            raise _onnx.unsupported("PackedSequence input (pass padded tensors)", self.mode)
+        if self.proj_size > 0:
+            raise _onnx.unsupported(f"proj_size={self.proj_size} (ONNX's LSTM has no projection)",
+                                    self.mode)
+
+    def _onnx_layers(self, x, states, dtype):
+        """``_layers`` while ``torch.onnx.export`` traces: one ONNX node per layer, both
+        directions in it."""
+        directions = 2 if self.bidirectional else 1
+        self._update_flat_weights()
+        per_layer = len(self._all_weights[0])
+        finals: List[List[torch.Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            weights = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                w = [w.to(dtype) for w in
+                     self._flat_weights[index * per_layer:(index + 1) * per_layer]]
+                weights.append(w[:4] if self.bias else [w[0], w[1], None, None])
+            rows = slice(layer * directions, (layer + 1) * directions)
+            layer_input, *last = self._onnx_layer(layer_input, weights,
+                                                  [s[rows] for s in states])
+            for kept, state in zip(finals, last):
+                kept.append(state)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, [torch.cat(kept) for kept in finals]
+
+
 class LSTM(_RNNBase):
     r"""Drop-in :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs).
 
@@ -559,6 +601,9 @@ class LSTM(_RNNBase):
         return cell_variants.lstm_layer(layer_input, weights, norms, states[0], states[1],
                                         None if lengths is None else lengths.per_row, reverse,
                                         options, masks, reset)
+
+    def _onnx_layer(self, layer_input, weights, states):
+        return _onnx.lstm_layer(layer_input, weights, states[0], states[1])
 
 
 class GRU(_RNNBase):
@@ -608,6 +653,9 @@ class GRU(_RNNBase):
         return cell_variants.gru_layer(layer_input, weights, norms, states[0],
                                        None if lengths is None else lengths.per_row, reverse,
                                        self.reset_after, options, masks, reset)
+
+    def _onnx_layer(self, layer_input, weights, states):
+        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after)
 
 
 class _CellBase(nn.Module):
@@ -750,6 +798,12 @@ class LSTMCell(_CellBase):
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0, c0), batched = self._prepare(input, hx, ("hx", "cx"))
+        if _onnx.is_exporting():  # one step of ONNX's LSTM
+            _onnx.refuse_variants(self.mode, variants)
+            _, h, c = _onnx.lstm_layer(x.unsqueeze(0), [self._weights(x.dtype)], h0.unsqueeze(0),
+                                       c0.unsqueeze(0))
+            h, c = h[0], c[0]
+            return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
         with _autocast_off(x.device):
             if variants:
                 weights = self._weights(x.dtype)
@@ -786,6 +840,11 @@ class GRUCell(_CellBase):
         if implementation.module_forward is not None:
             return implementation.module_forward(self, input, hx)
         x, (h0,), batched = self._prepare(input, hx, ("hx",))
+        if _onnx.is_exporting():  # one step of ONNX's GRU
+            _onnx.refuse_variants(self.mode, variants)
+            h = _onnx.gru_layer(x.unsqueeze(0), [self._weights(x.dtype)], h0.unsqueeze(0),
+                                self.reset_after)[1][0]
+            return h if batched else h.squeeze(0)
         with _autocast_off(x.device):
             if variants:
                 weights = self._weights(x.dtype)
