@@ -62,6 +62,11 @@ def cost_model_family(cell: str, gates_x: torch.Tensor, hidden: int, reset_after
     from lstmgru._kernels import cost_model, split
 
     batch = gates_x.shape[1]
+    if gates_x.device.type != "cuda":
+        # Triton's stock interpreter runs programs one after another, so the split family's
+        # programs would wait for each other until their polls time out: on CPU tensors
+        # "triton" is the tiled family ("triton-split" names the other one explicitly).
+        return "tiled"
     if split.supports(max(batch, 1), hidden, gates_x.dtype, gates_x.device, cell) is not None:
         return "tiled"
     return cost_model.choose(cell, batch, hidden, gates_x.dtype,

@@ -55,6 +55,8 @@ def test_split_family_refuses_float64_and_names_why():
 
 @pytest.mark.parametrize("name", ["triton-tiled", "triton"])
 def test_other_family_names_run_the_kernels(name):
+    """On CPU tensors (the interpreter) "triton" is the tiled family: the stock interpreter
+    cannot run the split family's co-resident programs."""
     torch.manual_seed(42)
     m = lstmgru.GRU(5, 40)
     x = torch.randn(4, 2, 5)
