@@ -69,5 +69,7 @@ def test_export_dynamic_T_and_B_forward_and_backward(op, kw):
     exported = program.module()
     for T, B in [(9, 4), (2, 7)]:
         eager, ran = _eager_and_compiled_step(m, exported, torch.randn(T, B, 4))
+        # 1e-5 as in the fp32 parity tests: eager runs torch's own kernel (native), the
+        # exported program our reference op, so sums over steps round in another order.
         for i, (a, b) in enumerate(zip(ran, eager)):
-            assert_close(a, b, f"T={T} B={B} item {i}", atol=1e-6)
+            assert_close(a, b, f"T={T} B={B} item {i}", atol=1e-5)
