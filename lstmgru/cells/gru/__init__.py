@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ... import _triton, backends
+from .. import _registration
 from ..._sequence import Lengths, input_projection
 from . import native, reference
 
@@ -42,20 +43,6 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
     return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
 
 
-def _triton_supports(case: backends.Case) -> Optional[str]:
-    reason = _triton.unavailable_reason(case.device_type, case.dtype)
-    if reason is not None:
-        return reason
-    if case.variants:
-        return f"the kernels do not implement {', '.join(case.variants)} yet"
-    return None
-
-
-def _split_supports(case: backends.Case) -> Optional[str]:
-    return _triton_supports(case) or _triton.split_reason("gru", case.batch, case.hidden_size,
-                                                          case.dtype, case.device_type)
-
-
 def _family_recurrence(family):
     def recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after):
         from . import triton_glue  # imports triton: only when a kernel runs
@@ -66,19 +53,6 @@ def _family_recurrence(family):
     return recurrence
 
 
-def _reference_supports(case: backends.Case) -> Optional[str]:
-    return None
-
-
-for _cell, _native_forward in (("GRU", native.module_forward), ("GRUCell", native.cell_forward)):
-    backends.register(_cell, backends.Implementation(
-        "native", native.supports, module_forward=_native_forward))
-    backends.register(_cell, backends.Implementation(
-        "reference", _reference_supports, recurrence=reference.gru_recurrence))
-    # "triton" picks the family per call from the cost model; the others name one.
-    backends.register(_cell, backends.Implementation(
-        "triton", _triton_supports, recurrence=_family_recurrence(None)))
-    backends.register(_cell, backends.Implementation(
-        "triton-tiled", _triton_supports, recurrence=_family_recurrence("tiled")))
-    backends.register(_cell, backends.Implementation(
-        "triton-split", _split_supports, recurrence=_family_recurrence("split")))
+_registration.register(
+    (("GRU", native.module_forward), ("GRUCell", native.cell_forward)), native,
+    reference.gru_recurrence, _family_recurrence, "gru")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ... import _triton, backends
+from .. import _registration
 from ..._sequence import Lengths, input_projection
 from . import native, reference
 
@@ -32,20 +33,10 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
     return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse)
 
 
-def _triton_supports(case: backends.Case) -> Optional[str]:
-    reason = _triton.unavailable_reason(case.device_type, case.dtype)
-    if reason is not None:
-        return reason
+def _own_kernel_reason(case: backends.Case) -> Optional[str]:
     if case.proj_size:
         return "the LSTM kernels have no projection (proj_size > 0); it runs on the reference"
-    if case.variants:
-        return f"the kernels do not implement {', '.join(case.variants)} yet"
     return None
-
-
-def _split_supports(case: backends.Case) -> Optional[str]:
-    return _triton_supports(case) or _triton.split_reason("lstm", case.batch, case.hidden_size,
-                                                          case.dtype, case.device_type)
 
 
 def _family_recurrence(family):
@@ -58,19 +49,6 @@ def _family_recurrence(family):
     return recurrence
 
 
-def _reference_supports(case: backends.Case) -> Optional[str]:
-    return None
-
-
-for _cell, _native_forward in (("LSTM", native.module_forward), ("LSTMCell", native.cell_forward)):
-    backends.register(_cell, backends.Implementation(
-        "native", native.supports, module_forward=_native_forward))
-    backends.register(_cell, backends.Implementation(
-        "reference", _reference_supports, recurrence=reference.lstm_recurrence))
-    # "triton" picks the family per call from the cost model; the others name one.
-    backends.register(_cell, backends.Implementation(
-        "triton", _triton_supports, recurrence=_family_recurrence(None)))
-    backends.register(_cell, backends.Implementation(
-        "triton-tiled", _triton_supports, recurrence=_family_recurrence("tiled")))
-    backends.register(_cell, backends.Implementation(
-        "triton-split", _split_supports, recurrence=_family_recurrence("split")))
+_registration.register(
+    (("LSTM", native.module_forward), ("LSTMCell", native.cell_forward)), native,
+    reference.lstm_recurrence, _family_recurrence, "lstm", _own_kernel_reason)
