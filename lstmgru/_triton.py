@@ -56,13 +56,15 @@ def split_reason(cell: str, batch: int, hidden: int, dtype: torch.dtype,
     return split.supports(max(batch, 1), hidden, dtype, device_type, cell)
 
 
-def cost_model_family(cell: str, gates_x: torch.Tensor, hidden: int, reset_after: bool) -> str:
+def cost_model_family(cell: str, gates_x: torch.Tensor, hidden: int, reset_after: bool,
+                      variants=None) -> str:
     """The family ``"triton"`` runs a call on: the cost model's pick (lstmgru._kernels.cost_model)
-    among the families that can take it."""
+    among the families that can take it. Cell variants run on the tiled family (the split
+    family's registration says why)."""
     from lstmgru._kernels import cost_model, split
 
     batch = gates_x.shape[1]
-    if gates_x.device.type != "cuda":
+    if variants is not None or gates_x.device.type != "cuda":
         # Triton's stock interpreter runs programs one after another, so the split family's
         # programs would wait for each other until their polls time out: on CPU tensors
         # "triton" is the tiled family ("triton-split" names the other one explicitly).

@@ -475,8 +475,8 @@ class _RNNBase(nn.Module):
 
     def _layers(self, x, states, lengths, dtype, recurrence, options=None, reset=None):
         """All layers and directions: x (T, B, I) -> output (T, B, D*P), final states.
-        With ``options`` (variants in force) each layer-direction runs
-        ``lstmgru.cells.variants`` with its own masks, drawn here in layer-direction order."""
+        With ``options`` (variants in force) each layer-direction gets its own masks
+        (``lstmgru.cells.variants.layer_variants``), drawn here in layer-direction order."""
         directions = 2 if self.bidirectional else 1
         self._update_flat_weights()  # parametrizations and functional_call swap the weights
         per_layer = len(self._all_weights[0])
@@ -489,13 +489,14 @@ class _RNNBase(nn.Module):
                 weights = [w.to(dtype) for w in
                            self._flat_weights[index * per_layer:(index + 1) * per_layer]]
                 layer_states = [s[index] for s in states]
-                if options is None:
-                    y, *last = self._run_layer(layer_input, weights, layer_states, lengths,
-                                               direction == 1, recurrence)
-                else:
-                    y, *last = self._run_variant_layer(
-                        layer_input, weights, self._norms(layer, direction, dtype),
-                        layer_states, lengths, direction == 1, options, reset)
+                variants = None
+                if options is not None:
+                    variants = cell_variants.layer_variants(
+                        options, self._norms(layer, direction, dtype), weights[1],
+                        layer_input.shape[0], layer_input.shape[1], layer_states[0].shape[1],
+                        reset, None if lengths is None else lengths.per_row, direction == 1)
+                y, *last = self._run_layer(layer_input, weights, layer_states, lengths,
+                                           direction == 1, recurrence, variants)
                 outputs.append(y)
                 for kept, state in zip(finals, last):
                     kept.append(state)
@@ -586,21 +587,10 @@ class LSTM(_RNNBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     permute_hidden = nn.LSTM.permute_hidden
 
-    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence):
-        weight_ih, weight_hh, *rest = weights
-        bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
-        weight_hr = rest[-1] if self.proj_size > 0 else None
-        return lstm_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr),
-                               states[0], states[1], lengths, reverse, recurrence)
-
-    def _run_variant_layer(self, layer_input, weights, norms, states, lengths, reverse, options,
-                           reset):
-        weights = self._split_weights(weights)
-        T, B = layer_input.shape[:2]
-        masks = cell_variants.draw_masks(options, weights[1], T, B, states[0].shape[1])
-        return cell_variants.lstm_layer(layer_input, weights, norms, states[0], states[1],
-                                        None if lengths is None else lengths.per_row, reverse,
-                                        options, masks, reset)
+    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence,
+                   variants=None):
+        return lstm_cell.layer(layer_input, self._split_weights(weights), states[0], states[1],
+                               lengths, reverse, recurrence, variants)
 
     def _onnx_layer(self, layer_input, weights, states):
         return _onnx.lstm_layer(layer_input, weights, states[0], states[1])
@@ -639,20 +629,10 @@ class GRU(_RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
-    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence):
-        weight_ih, weight_hh, *rest = weights
-        bias_ih, bias_hh = (rest[0], rest[1]) if self.bias else (None, None)
-        return gru_cell.layer(layer_input, (weight_ih, weight_hh, bias_ih, bias_hh), states[0],
-                              lengths, reverse, self.reset_after, recurrence)
-
-    def _run_variant_layer(self, layer_input, weights, norms, states, lengths, reverse, options,
-                           reset):
-        weights = self._split_weights(weights)[:4]
-        T, B = layer_input.shape[:2]
-        masks = cell_variants.draw_masks(options, weights[1], T, B, states[0].shape[1])
-        return cell_variants.gru_layer(layer_input, weights, norms, states[0],
-                                       None if lengths is None else lengths.per_row, reverse,
-                                       self.reset_after, options, masks, reset)
+    def _run_layer(self, layer_input, weights, states, lengths, reverse, recurrence,
+                   variants=None):
+        return gru_cell.layer(layer_input, self._split_weights(weights)[:4], states[0], lengths,
+                              reverse, self.reset_after, recurrence, variants)
 
     def _onnx_layer(self, layer_input, weights, states):
         return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after)
@@ -711,6 +691,14 @@ class _CellBase(nn.Module):
             return None
         expected = (x.shape[0],) if batched else ()
         return _check_reset(reset, self.mode, expected, x.device).reshape(1, x.shape[0])
+
+    def _step_variants(self, options, variants, weights, x, reset, batched):
+        """The one step's variants (``lstmgru.cells.variants.layer_variants``), or None."""
+        if not variants:
+            return None
+        return cell_variants.layer_variants(options, self._norms(x.dtype), weights[1], 1,
+                                            x.shape[0], self.hidden_size,
+                                            self._cell_reset(reset, x, batched), None, False)
 
     def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):
@@ -805,16 +793,11 @@ class LSTMCell(_CellBase):
             h, c = h[0], c[0]
             return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
         with _autocast_off(x.device):
-            if variants:
-                weights = self._weights(x.dtype)
-                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
-                                                 self.hidden_size)
-                _, h, c = cell_variants.lstm_layer(
-                    x.unsqueeze(0), weights + [None], self._norms(x.dtype), h0, c0, None, False,
-                    options, masks, self._cell_reset(reset, x, batched))
-                return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
-            _, h, c = lstm_cell.layer(x.unsqueeze(0), self._weights(x.dtype) + [None], h0, c0,
-                                      None, False, implementation.recurrence)
+            weights = self._weights(x.dtype)
+            _, h, c = lstm_cell.layer(x.unsqueeze(0), weights + [None], h0, c0, None, False,
+                                      implementation.recurrence,
+                                      self._step_variants(options, variants, weights, x, reset,
+                                                          batched))
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -846,14 +829,9 @@ class GRUCell(_CellBase):
                                 self.reset_after)[1][0]
             return h if batched else h.squeeze(0)
         with _autocast_off(x.device):
-            if variants:
-                weights = self._weights(x.dtype)
-                masks = cell_variants.draw_masks(options, weights[1], 1, x.shape[0],
-                                                 self.hidden_size)
-                _, h = cell_variants.gru_layer(
-                    x.unsqueeze(0), weights, self._norms(x.dtype), h0, None, False,
-                    self.reset_after, options, masks, self._cell_reset(reset, x, batched))
-                return h if batched else h.squeeze(0)
-            _, h = gru_cell.layer(x.unsqueeze(0), self._weights(x.dtype), h0, None, False,
-                                  self.reset_after, implementation.recurrence)
+            weights = self._weights(x.dtype)
+            _, h = gru_cell.layer(x.unsqueeze(0), weights, h0, None, False, self.reset_after,
+                                  implementation.recurrence,
+                                  self._step_variants(options, variants, weights, x, reset,
+                                                      batched))
         return h if batched else h.squeeze(0)

@@ -3,30 +3,43 @@ checks. A cell supplies only what is its own (its native call, its recurrences, 
 reason of its own why the kernels cannot take a case)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .. import _triton, backends
 
 
-def triton_reason(case: backends.Case, own_reason: Callable) -> Optional[str]:
-    """Why the Triton kernels (either family) cannot take ``case``, or None."""
-    reason = _triton.unavailable_reason(case.device_type, case.dtype) or own_reason(case)
-    if reason is None and case.variants:
-        reason = f"the kernels do not implement {', '.join(case.variants)} yet"
-    return reason
+def _variants_reason(case: backends.Case, family: str, implemented) -> Optional[str]:
+    missing = [name for name in case.variants if name not in implemented]
+    if not missing:
+        return None
+    return f"the {family} kernels do not implement {', '.join(missing)}"
+
+
+def triton_reason(case: backends.Case, own_reason: Callable,
+                  kernel_variants: Tuple[str, ...]) -> Optional[str]:
+    """Why the Triton kernels (the tiled family, which "triton" falls back to) cannot take
+    ``case``, or None. ``kernel_variants``: the cell variants the tiled kernels compute."""
+    return (_triton.unavailable_reason(case.device_type, case.dtype) or own_reason(case)
+            or _variants_reason(case, "tiled", kernel_variants))
 
 
 def register(cells, native, reference_recurrence, family_recurrence, kernel_cell: str,
-             own_reason: Callable = lambda case: None) -> None:
+             own_reason: Callable = lambda case: None,
+             kernel_variants: Tuple[str, ...] = ()) -> None:
     """Register native, reference, triton, triton-tiled and triton-split for each of
     ``cells``: (name, native forward) pairs. ``family_recurrence(family)`` returns the
-    recurrence on a kernel family (None: the cost model picks per call)."""
+    recurrence on a kernel family (None: the cost model picks per call). The reference takes
+    every cell variant; ``kernel_variants`` names those the tiled kernels take (the split
+    family takes none)."""
     def kernels(case):
-        return triton_reason(case, own_reason)
+        return triton_reason(case, own_reason, kernel_variants)
 
     def split(case):
-        return kernels(case) or _triton.split_reason(kernel_cell, case.batch, case.hidden_size,
-                                                     case.dtype, case.device_type)
+        # The split family's steps are one grid-wide sync each; a variant's extra reductions
+        # (LayerNorm) or per-row state edits (resets) would add to it, so they run tiled.
+        return (kernels(case) or _variants_reason(case, "split-hidden", ())
+                or _triton.split_reason(kernel_cell, case.batch, case.hidden_size, case.dtype,
+                                        case.device_type))
 
     for cell, native_forward in cells:
         backends.register(cell, backends.Implementation(

@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._sequence import input_projection as plain_input_projection
 from .._sequence import step_order
 
 EPS = 1e-5
@@ -75,7 +76,7 @@ class Options(NamedTuple):
 class Masks(NamedTuple):
     weight: Optional[torch.Tensor] = None      # like weight_hh
     recurrent: Optional[torch.Tensor] = None   # (B, P)
-    zoneout: Optional[torch.Tensor] = None     # (T, B, P), 1 where the unit keeps its state
+    zoneout: Optional[torch.Tensor] = None     # (T, B, P) bool, True where the unit keeps its state
 
 
 def _dropout_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -94,13 +95,14 @@ def draw_masks(options: Options, weight_hh: torch.Tensor, num_steps: int, batch:
         recurrent = _dropout_mask((batch, width), options.recurrent_dropout, weight_hh.detach())
     if options.zoneout > 0 and options.training:
         zone = torch.bernoulli(weight_hh.detach().new_full((num_steps, batch, width),
-                                                           options.zoneout))
+                                                           options.zoneout)).bool()
     return Masks(weight, recurrent, zone)
 
 
 def entering_cuts(reset: Optional[torch.Tensor], per_row: Optional[torch.Tensor],
                   reverse: bool) -> Optional[torch.Tensor]:
-    """(T, B, 1) bool: where the state entering step t is zeroed (see the module docstring)."""
+    """(T, B) bool: where the state entering step t is zeroed (see the module docstring).
+    Positions where a row is inactive never cut."""
     if reset is None:
         return None
     T = reset.shape[0]
@@ -109,20 +111,60 @@ def entering_cuts(reset: Optional[torch.Tensor], per_row: Optional[torch.Tensor]
         reset = reset & (steps < per_row.to(reset.device).unsqueeze(0))
     if reverse:
         reset = torch.cat([reset[1:], torch.zeros_like(reset[:1])])
-    return reset.unsqueeze(2)
+    return reset.contiguous()
+
+
+class StepVariants(NamedTuple):
+    """What a recurrence applies inside its time loop, for one layer-direction and one call.
+
+    Weight drop and ``LN_ih`` act outside the loop (the layer function hands the recurrence
+    ``weight_hh * mask`` and a normalised input projection), so they are not here."""
+
+    ln_hh_weight: Optional[torch.Tensor] = None    # (G,): LN_hh over the recurrent product
+    ln_c_weight: Optional[torch.Tensor] = None     # (H,): the LSTM's LN_c gain ...
+    ln_c_bias: Optional[torch.Tensor] = None       # (H,): ... and bias
+    recurrent_mask: Optional[torch.Tensor] = None  # (B, P), entries 0 or 1/(1-p)
+    zoneout: float = 0.0                           # p
+    zoneout_keep: Optional[torch.Tensor] = None    # (T, B, P) bool, training; None: eval form
+    cuts: Optional[torch.Tensor] = None            # (T, B) bool (``entering_cuts``)
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.ln_hh_weight is not None
+
+    def in_force(self) -> Tuple[str, ...]:
+        """The names of what this applies (those a recurrence must implement)."""
+        return tuple(name for name, on in (
+            ("layer_norm", self.layer_norm), ("zoneout", self.zoneout > 0),
+            ("recurrent_dropout", self.recurrent_mask is not None),
+            ("reset", self.cuts is not None)) if on)
+
+
+def step_variants(options: Options, masks: Masks, norms, cuts) -> StepVariants:
+    """The loop's part of one layer-direction's variants (``norms`` as the layers take them)."""
+    ln = (None, None, None) if norms is None else (tuple(norms[1:]) + (None, None))[:3]
+    return StepVariants(*ln, masks.recurrent, options.zoneout, masks.zoneout, cuts)
 
 
 def _ln(v: torch.Tensor, gain: torch.Tensor, bias: Optional[torch.Tensor] = None):
     return F.layer_norm(v, (v.shape[-1],), gain, bias, EPS)
 
 
-def _zone(h_prev, h_new, options: Options, keep: Optional[torch.Tensor]):
-    if options.zoneout <= 0:
+def zone(h_prev: torch.Tensor, h_new: torch.Tensor, variants: StepVariants, t: int):
+    """Zoneout of step t: each unit keeps ``h_prev`` (training: where the mask says; eval:
+    in expectation, with weight p)."""
+    if variants.zoneout <= 0:
         return h_new
-    if keep is not None:
-        return keep * h_prev + (1 - keep) * h_new
-    p = options.zoneout
+    if variants.zoneout_keep is not None:
+        return torch.where(variants.zoneout_keep[t], h_prev, h_new)
+    p = variants.zoneout
     return p * h_prev + (1 - p) * h_new
+
+
+def _cut(state: torch.Tensor, variants: StepVariants, t: int) -> torch.Tensor:
+    if variants.cuts is None:
+        return state
+    return torch.where(variants.cuts[t].unsqueeze(1), torch.zeros_like(state), state)
 
 
 def _select_active(t, per_row, new, old):
@@ -132,94 +174,104 @@ def _select_active(t, per_row, new, old):
     return torch.where(active, new, old), torch.where(active, new, torch.zeros_like(new))
 
 
-def lstm_layer(x: torch.Tensor, weights, norms, h0: torch.Tensor, c0: torch.Tensor,
-               per_row: Optional[torch.Tensor], reverse: bool, options: Options, masks: Masks,
-               reset: Optional[torch.Tensor]):
-    """One LSTM layer-direction with variants: x (T, B, I) -> y (T, B, P), h_n, c_n.
-
-    ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr); ``norms`` =
-    (ln_ih_weight, ln_hh_weight, ln_c_weight, ln_c_bias) with ``options.layer_norm``, else
-    None. ``per_row`` (B,) lengths or None; ``reset`` (T, B) bool or None."""
-    weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
-    if masks.weight is not None:
-        weight_hh = weight_hh * masks.weight
-    T = x.shape[0]
-    gates_x = x @ weight_ih.t()
-    if norms is not None:
-        gates_x = _ln(gates_x, norms[0])
-    if bias_ih is not None:
-        gates_x = gates_x + (bias_ih + bias_hh)
-    cuts = entering_cuts(reset, per_row, reverse)
+# --------------------------------------------------------------------------------------
+# The recurrences with variants as equations: naive step loops, differentiable to any order.
+# They are the oracle of the fast paths and what those recompute under create_graph.
+# --------------------------------------------------------------------------------------
+def lstm_steps(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+               weight_hh: torch.Tensor, weight_hr: Optional[torch.Tensor],
+               per_row: Optional[torch.Tensor], reverse: bool, variants: StepVariants):
+    """The LSTM recurrence with ``variants``: gates_x (T, B, 4H) = LN_ih(x W_ih^T) + b_ih +
+    b_hh; ``weight_hh`` already weight-dropped. Returns y (T, B, P), h_n, c_n."""
+    T = gates_x.shape[0]
     h, c = h0, c0
     ys = [None] * T
     for t in step_order(T, reverse):
-        if cuts is not None:
-            h = torch.where(cuts[t], torch.zeros_like(h), h)
-            c = torch.where(cuts[t], torch.zeros_like(c), c)
-        h_in = h if masks.recurrent is None else h * masks.recurrent
+        h, c = _cut(h, variants, t), _cut(c, variants, t)
+        h_in = h if variants.recurrent_mask is None else h * variants.recurrent_mask
         rec = h_in @ weight_hh.t()
-        if norms is not None:
-            rec = _ln(rec, norms[1])
+        if variants.layer_norm:
+            rec = _ln(rec, variants.ln_hh_weight)
         i, f, g, o = (gates_x[t] + rec).chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new if norms is None else _ln(c_new, norms[2], norms[3]))
+        c_out = c_new if not variants.layer_norm else _ln(c_new, variants.ln_c_weight,
+                                                           variants.ln_c_bias)
+        h_new = o * torch.tanh(c_out)
         if weight_hr is not None:
             h_new = h_new @ weight_hr.t()
-        h_new = _zone(h, h_new, options, None if masks.zoneout is None else masks.zoneout[t])
+        h_new = zone(h, h_new, variants, t)
         c, _ = _select_active(t, per_row, c_new, c)
         h, ys[t] = _select_active(t, per_row, h_new, h)
     return torch.stack(ys), h, c
 
 
-def gru_layer(x: torch.Tensor, weights, norms, h0: torch.Tensor,
-              per_row: Optional[torch.Tensor], reverse: bool, reset_after: bool,
-              options: Options, masks: Masks, reset: Optional[torch.Tensor]):
-    """One GRU layer-direction with variants: x (T, B, I) -> y (T, B, H), h_n.
-
-    ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh); ``norms`` = (ln_ih_weight,
-    ln_hh_weight) with ``options.layer_norm`` (reset_after only), else None."""
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
-    if masks.weight is not None:
-        weight_hh = weight_hh * masks.weight
-    T = x.shape[0]
+def gru_steps(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
+              bias_hn: Optional[torch.Tensor], per_row: Optional[torch.Tensor], reverse: bool,
+              reset_after: bool, variants: StepVariants):
+    """The GRU recurrence with ``variants``: gates_x (T, B, 3H) = LN_ih(x W_ih^T) + the
+    additive biases, as ``gru.spec.recurrence`` takes it; with ``layer_norm``, LN_hh acts on
+    ``h W_hh^T`` before ``bias_hn`` joins its n block. Returns y (T, B, H), h_n."""
+    T = gates_x.shape[0]
     H = h0.shape[1]
-    gates_x = x @ weight_ih.t()
-    if norms is not None:
-        gates_x = _ln(gates_x, norms[0])
-    if bias_ih is not None:
-        gates_x = gates_x + bias_ih
     w_rz, w_n = weight_hh[:2 * H], weight_hh[2 * H:]
-    cuts = entering_cuts(reset, per_row, reverse)
     h = h0
     ys = [None] * T
     for t in step_order(T, reverse):
-        if cuts is not None:
-            h = torch.where(cuts[t], torch.zeros_like(h), h)
-        h_in = h if masks.recurrent is None else h * masks.recurrent
+        h = _cut(h, variants, t)
+        h_in = h if variants.recurrent_mask is None else h * variants.recurrent_mask
         x_r, x_z, x_n = gates_x[t].chunk(3, dim=1)
         if reset_after:
             rec = h_in @ weight_hh.t()
-            if norms is not None:
-                rec = _ln(rec, norms[1])
-            if bias_hh is not None:
-                rec = rec + bias_hh
+            if variants.layer_norm:
+                rec = _ln(rec, variants.ln_hh_weight)
             h_r, h_z, h_n = rec.chunk(3, dim=1)
+            if bias_hn is not None:
+                h_n = h_n + bias_hn
             r = torch.sigmoid(x_r + h_r)
             z = torch.sigmoid(x_z + h_z)
             n = torch.tanh(x_n + r * h_n)
         else:
-            rec = h_in @ w_rz.t()
-            if bias_hh is not None:
-                rec = rec + bias_hh[:2 * H]
-            h_r, h_z = rec.chunk(2, dim=1)
+            h_r, h_z = (h_in @ w_rz.t()).chunk(2, dim=1)
             r = torch.sigmoid(x_r + h_r)
             z = torch.sigmoid(x_z + h_z)
-            rec_n = (r * h_in) @ w_n.t()
-            if bias_hh is not None:
-                rec_n = rec_n + bias_hh[2 * H:]
-            n = torch.tanh(x_n + rec_n)
-        h_new = (1 - z) * n + z * h
-        h_new = _zone(h, h_new, options, None if masks.zoneout is None else masks.zoneout[t])
+            n = torch.tanh(x_n + (r * h_in) @ w_n.t())
+        h_new = zone(h, (1 - z) * n + z * h, variants, t)
         h, ys[t] = _select_active(t, per_row, h_new, h)
     return torch.stack(ys), h
+
+
+# --------------------------------------------------------------------------------------
+# Layer-directions with variants: the parts outside the loop, then a recurrence.
+# --------------------------------------------------------------------------------------
+def input_projection(x: torch.Tensor, weight_ih: torch.Tensor, bias: Optional[torch.Tensor],
+                     ln_ih_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """``LN_ih(x W_ih^T) + bias`` for all steps at once (plain ``x W_ih^T + bias`` without LN)."""
+    if ln_ih_weight is None:
+        return plain_input_projection(x, weight_ih, bias)
+    gates_x = _ln(plain_input_projection(x, weight_ih, None), ln_ih_weight)
+    return gates_x if bias is None else gates_x + bias
+
+
+def dropped_weight(weight_hh: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weight drop: the recurrence runs on ``weight_hh * mask``; the parameter is untouched."""
+    return weight_hh if mask is None else weight_hh * mask
+
+
+class LayerVariants(NamedTuple):
+    """One layer-direction's variants for one call, as a cell's ``layer`` function takes them."""
+
+    ln_ih_weight: Optional[torch.Tensor]   # LN_ih's gain, or None
+    weight_mask: Optional[torch.Tensor]    # weight drop's mask over weight_hh, or None
+    step: StepVariants                     # what the recurrence applies in its loop
+
+
+def layer_variants(options: Options, norms, weight_hh: torch.Tensor, num_steps: int, batch: int,
+                   width: int, reset: Optional[torch.Tensor], per_row: Optional[torch.Tensor],
+                   reverse: bool) -> LayerVariants:
+    """Draws one layer-direction's masks (``draw_masks``) and turns ``reset`` (T, B) into the
+    direction's cuts. ``norms`` = (ln_ih, ln_hh[, ln_c_weight, ln_c_bias]) or None."""
+    masks = draw_masks(options, weight_hh, num_steps, batch, width)
+    cuts = entering_cuts(reset, per_row, reverse)
+    return LayerVariants(None if norms is None else norms[0], masks.weight,
+                         step_variants(options, masks, norms, cuts))

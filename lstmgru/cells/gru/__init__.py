@@ -18,17 +18,21 @@ import torch
 from ... import _triton, backends
 from .. import _registration
 from ..._sequence import Lengths, input_projection
+from ..variants import LayerVariants, dropped_weight
+from ..variants import input_projection as variant_input_projection
 from . import native, reference
 
 
 def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths],
-          reverse: bool, reset_after: bool, recurrence):
+          reverse: bool, reset_after: bool, recurrence,
+          variants: Optional[LayerVariants] = None):
     """One layer-direction over x (T, B, I) -> y (T, B, H), h_n (B, H).
 
     ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh), biases None without ``bias``. The
     biases that enter additively join the input projection (ONE GEMM over all steps): b_hr,
     b_hz, and b_hn too when ``reset_after=False``. With ``reset_after=True`` b_hn sits inside
-    ``r * (W_hn h + b_hn)`` and stays with the recurrence.
+    ``r * (W_hn h + b_hn)`` and stays with the recurrence. With ``variants``
+    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence.
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     bias = bias_hn = None
@@ -39,17 +43,24 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
             bias_hn = bias_hh[2 * H:]
         else:
             bias = bias_ih + bias_hh
-    gates_x = input_projection(x, weight_ih, bias)
-    return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
+    if variants is None:
+        gates_x = input_projection(x, weight_ih, bias)
+        return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
+    gates_x = variant_input_projection(x, weight_ih, bias, variants.ln_ih_weight)
+    weight_hh = dropped_weight(weight_hh, variants.weight_mask)
+    return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after,
+                      variants.step)
 
 
 def _family_recurrence(family):
-    def recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after):
+    def recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after,
+                   variants=None):
         from . import triton_glue  # imports triton: only when a kernel runs
 
-        chosen = family or _triton.cost_model_family("gru", gates_x, h0.shape[1], reset_after)
+        chosen = family or _triton.cost_model_family("gru", gates_x, h0.shape[1], reset_after,
+                                                     variants)
         return triton_glue.gru_recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
-                                          reset_after, chosen)
+                                          reset_after, chosen, variants)
     return recurrence
 
 

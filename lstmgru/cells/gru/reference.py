@@ -17,7 +17,9 @@ from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
                           prefix_rows, previous_states, recurrent_weight_grad, step_order,
                           step_views, storage)
+from ..variants import StepVariants
 from . import spec
+from .variants_reference import gru_recurrence as variant_recurrence
 
 # --------------------------------------------------------------------------------------
 def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
@@ -232,7 +234,8 @@ _GRURecurrence = recurrence_function("GRUReferenceRecurrence", "lstmgru::gru_ref
 
 def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
                    bias_hn: Optional[torch.Tensor] = None, lengths: Optional[Lengths] = None,
-                   reverse: bool = False, reset_after: bool = True):
+                   reverse: bool = False, reset_after: bool = True,
+                   variants: Optional[StepVariants] = None):
     """One GRU layer-direction over all steps.
 
     Args:
@@ -244,8 +247,12 @@ def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Ten
 
     Returns:
         y (T, B, H) with zeros where a row is inactive, h_n (B, H): the same function as
-        ``spec.recurrence``.
+        ``spec.recurrence`` (``variants.gru_steps`` with ``variants``, the cell variants'
+        part in the loop).
     """
+    if variants is not None:
+        return variant_recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
+                                  reset_after, variants)
     save = needs_grad(gates_x, h0, weight_hh, bias_hn)
     per_row = None if lengths is None else lengths.per_row
     y, h_n, *_ = _GRURecurrence.apply(gates_x, h0, weight_hh, bias_hn, per_row, reverse,

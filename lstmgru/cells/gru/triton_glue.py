@@ -90,8 +90,11 @@ _GRUKernelRecurrence = recurrence_function("GRUKernelRecurrence", "lstmgru::gru_
 
 def gru_recurrence(gates_x: Tensor, h0: Tensor, weight_hh: Tensor,
                    bias_hn: Optional[Tensor] = None, lengths: Optional[Lengths] = None,
-                   reverse: bool = False, reset_after: bool = True, family: str = "tiled"):
+                   reverse: bool = False, reset_after: bool = True, family: str = "tiled",
+                   variants=None):
     """``reference.gru_recurrence`` on the kernels of ``family`` ("tiled" or "split")."""
+    if variants is not None:
+        raise NotImplementedError("the GRU kernels do not implement the cell variants yet")
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, weight_hh, bias_hn)
     y, h_n, *_ = _GRUKernelRecurrence.apply(gates_x, h0, weight_hh, bias_hn, per_row, reverse,

@@ -16,21 +16,29 @@ import torch
 from ... import _triton, backends
 from .. import _registration
 from ..._sequence import Lengths, input_projection
+from ..variants import LayerVariants, dropped_weight
+from ..variants import input_projection as variant_input_projection
 from . import native, reference
 
 
 def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
-          lengths: Optional[Lengths], reverse: bool, recurrence):
+          lengths: Optional[Lengths], reverse: bool, recurrence,
+          variants: Optional[LayerVariants] = None):
     """One layer-direction over x (T, B, I) -> y (T, B, P), h_n (B, P), c_n (B, H).
 
     ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), absent ones None. Both
     biases enter the gates additively, so they join the input projection (ONE GEMM over all
-    steps) and the recurrence sees only ``h @ W_hh^T``.
+    steps) and the recurrence sees only ``h @ W_hh^T``. With ``variants``
+    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence.
     """
     weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
     bias = None if bias_ih is None else bias_ih + bias_hh
-    gates_x = input_projection(x, weight_ih, bias)
-    return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse)
+    if variants is None:
+        gates_x = input_projection(x, weight_ih, bias)
+        return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse)
+    gates_x = variant_input_projection(x, weight_ih, bias, variants.ln_ih_weight)
+    weight_hh = dropped_weight(weight_hh, variants.weight_mask)
+    return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, variants.step)
 
 
 def _own_kernel_reason(case: backends.Case) -> Optional[str]:
@@ -40,12 +48,13 @@ def _own_kernel_reason(case: backends.Case) -> Optional[str]:
 
 
 def _family_recurrence(family):
-    def recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse):
+    def recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, variants=None):
         from . import triton_glue  # imports triton: only when a kernel runs
 
-        chosen = family or _triton.cost_model_family("lstm", gates_x, c0.shape[1], True)
+        chosen = family or _triton.cost_model_family("lstm", gates_x, c0.shape[1], True,
+                                                     variants)
         return triton_glue.lstm_recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths,
-                                           reverse, chosen)
+                                           reverse, chosen, variants)
     return recurrence
 
 

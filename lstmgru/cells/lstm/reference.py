@@ -27,7 +27,9 @@ from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import (Lengths, StateCarry, first_step_rows, fold_final_grad, needs_grad,
                           prefix_rows, previous_states, recurrent_weight_grad, step_order,
                           step_views, storage)
+from ..variants import StepVariants
 from . import spec
+from .variants_reference import lstm_recurrence as variant_recurrence
 
 # --------------------------------------------------------------------------------------
 def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save):
@@ -224,7 +226,8 @@ _LSTMRecurrence = recurrence_function("LSTMReferenceRecurrence", "lstmgru::lstm_
 
 def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     weight_hh: torch.Tensor, weight_hr: Optional[torch.Tensor] = None,
-                    lengths: Optional[Lengths] = None, reverse: bool = False):
+                    lengths: Optional[Lengths] = None, reverse: bool = False,
+                    variants: Optional[StepVariants] = None):
     """One LSTM layer-direction over all steps.
 
     Args:
@@ -232,11 +235,15 @@ def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
         h0: (B, P); c0: (B, H).
         weight_hh: (4H, P). weight_hr: (P, H) or None (no projection).
         lengths, reverse: see the module docstring.
+        variants: the cell variants' part in the loop (``lstmgru.cells.variants``), or None.
 
     Returns:
         y (T, B, P) with zeros where a row is inactive, h_n (B, P), c_n (B, H); the same
-        function as ``spec.recurrence``.
+        function as ``spec.recurrence`` (``variants.lstm_steps`` with variants).
     """
+    if variants is not None:
+        return variant_recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse,
+                                  variants)
     save = needs_grad(gates_x, h0, c0, weight_hh, weight_hr)
     per_row = None if lengths is None else lengths.per_row
     y, h_n, c_n, *_ = _LSTMRecurrence.apply(gates_x, h0, c0, weight_hh, weight_hr, per_row,

@@ -106,11 +106,13 @@ _LSTMKernelRecurrence = recurrence_function("LSTMKernelRecurrence",
 
 def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                     weight_hr: Optional[Tensor] = None, lengths: Optional[Lengths] = None,
-                    reverse: bool = False, family: str = "tiled"):
+                    reverse: bool = False, family: str = "tiled", variants=None):
     """``reference.lstm_recurrence`` on the kernels of ``family`` ("tiled" or "split"). They
     have no projection: the registry never sends ``proj_size`` here."""
     if weight_hr is not None:
         raise ValueError("the Triton LSTM kernels have no projection (weight_hr)")
+    if variants is not None:
+        raise NotImplementedError("the LSTM kernels do not implement the cell variants yet")
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, c0, weight_hh)
     y, h_n, c_n, *_ = _LSTMKernelRecurrence.apply(gates_x, h0, c0, weight_hh, per_row, reverse,
