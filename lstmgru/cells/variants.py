@@ -242,6 +242,47 @@ def gru_steps(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------
+# What the fast recurrences share: the variants as per-step factors.
+# --------------------------------------------------------------------------------------
+def carry_factors(zoneout: float, zoneout_keep: Optional[torch.Tensor], per_row: Optional[torch.Tensor],
+                  T: int, B: int, like: torch.Tensor):
+    """How much of the state entering each step it leaves unchanged: zoneout's kept share (the
+    0/1 mask in training, p in eval) and 1 where a row is inactive (packed input). A (T, B, X)
+    tensor (X = 1 or the state width), a float, or None (the step replaces the state).
+    Every step then ends with ``h = lerp(h_new, h_prev, carry)``, and its backward splits
+    dL/dh the same way."""
+    carry = None
+    if zoneout > 0:
+        carry = zoneout if zoneout_keep is None else zoneout_keep.to(like.dtype)
+    if per_row is None:
+        return carry
+    inactive = (torch.arange(T, device=like.device).unsqueeze(1)
+                >= per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
+    if carry is None:
+        return inactive
+    return torch.maximum(inactive, inactive.new_tensor(carry) if isinstance(carry, float)
+                         else carry)
+
+
+def keep_factors(cuts: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """(T, B, 1) in the run dtype: 0 where the state entering the step is cut, else 1."""
+    return None if cuts is None else (~cuts).unsqueeze(2).to(like.dtype)
+
+
+def active_factors(per_row: Optional[torch.Tensor], T: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """(T, B, 1) in the run dtype: 1 where a row is active, or None for no lengths."""
+    if per_row is None:
+        return None
+    steps = torch.arange(T, device=like.device).unsqueeze(1)
+    return (steps < per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
+
+
+def step_value(carry, t):
+    """Step t's entry of ``carry_factors``' result."""
+    return carry if carry is None or isinstance(carry, float) else carry[t]
+
+
+# --------------------------------------------------------------------------------------
 # Layer-directions with variants: the parts outside the loop, then a recurrence.
 # --------------------------------------------------------------------------------------
 def input_projection(x: torch.Tensor, weight_ih: torch.Tensor, bias: Optional[torch.Tensor],

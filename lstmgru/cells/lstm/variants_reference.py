@@ -21,50 +21,14 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, step_order
-from ..variants import EPS, StepVariants, lstm_steps
+from ..variants import (EPS, StepVariants, active_factors, carry_factors, keep_factors,
+                        lstm_steps, step_value)
 
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
-
-
-def carry_factors(zoneout: float, zoneout_keep: Optional[Tensor], per_row: Optional[Tensor],
-                  T: int, B: int, like: Tensor):
-    """How much of the state entering each step it leaves unchanged: zoneout's kept share (the
-    0/1 mask in training, p in eval) and 1 where a row is inactive (packed input). A (T, B, X)
-    tensor (X = 1 or the state width), a float, or None (the step replaces the state).
-    Every step then ends with ``h = lerp(h_new, h_prev, carry)``, and its backward splits
-    dL/dh the same way."""
-    carry = None
-    if zoneout > 0:
-        carry = zoneout if zoneout_keep is None else zoneout_keep.to(like.dtype)
-    if per_row is None:
-        return carry
-    inactive = (torch.arange(T, device=like.device).unsqueeze(1)
-                >= per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
-    if carry is None:
-        return inactive
-    return torch.maximum(inactive, inactive.new_tensor(carry) if isinstance(carry, float)
-                         else carry)
-
-
-def keep_factors(cuts: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    """(T, B, 1) in the run dtype: 0 where the state entering the step is cut, else 1."""
-    return None if cuts is None else (~cuts).unsqueeze(2).to(like.dtype)
-
-
-def active_factors(per_row: Optional[Tensor], T: int, like: Tensor) -> Optional[Tensor]:
-    """(T, B, 1) in the run dtype: 1 where a row is active, or None for no lengths."""
-    if per_row is None:
-        return None
-    steps = torch.arange(T, device=like.device).unsqueeze(1)
-    return (steps < per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
-
-
-def _step(carry, t):
-    return carry if carry is None or isinstance(carry, float) else carry[t]
 
 
 def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bias,
@@ -120,7 +84,7 @@ def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, l
             h_new = torch.mul(o, tanh_steps[t], out=y_steps[t])
         else:
             h_new = torch.mm(o * tanh_steps[t], w_hr_t, out=y_steps[t])
-        c_t = _step(carry, t)
+        c_t = step_value(carry, t)
         if c_t is not None:
             h_new.lerp_(h, c_t)
         h, c = h_new.clone() if active is not None else h_new, c_new
@@ -177,7 +141,7 @@ def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y,
     dh, dc = grad_h_n, grad_c_n
     for t in reversed(step_order(T, reverse)):
         dh_t = dh + grad_y_steps[t]
-        c_t = _step(carry, t)
+        c_t = step_value(carry, t)
         dh_new = dh_t if c_t is None else dh_t * (1 - c_t)
         if w_hr is not None:
             grad_proj[t] = dh_new
