@@ -97,3 +97,15 @@ def test_bench_presets_expand():
     assert {(c["op"], c["batch"], c["input_size"], c["hidden_size"]) for c in small} == {
         ("gru", b, 16, 16) for b in (2, 4)}
     assert len(configs("--preset", "default")) > 0
+
+
+def test_variants_bench_tiny_runs_and_pack_pad_agrees():
+    """benchmarks/variants_bench.py --tiny: every contender runs, and the pack/pad baseline
+    computes what reset= does (it is printed as the max abs diff)."""
+    script = REPO / "benchmarks" / "variants_bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--no-save", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| LSTM | 8 | 4 | 16 |" in proc.stdout and "| GRU | 8 | 4 | 16 |" in proc.stdout
+    diff = float(proc.stdout.split("max abs diff ")[1].split(".\n")[0].rstrip("."))
+    assert diff < 1e-5
