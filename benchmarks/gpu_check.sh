@@ -14,6 +14,8 @@
 #                       triton-split / triton-tiled against cuDNN (time-boxed; configs it had no
 #                       time for are listed in meta.skipped), bench-*.log their console output
 #   published.*         B=16 T=1024 H=768 fp16 LSTM, against cuDNN's published 2.01 / 5.19 ms
+#   variants-gpu.*      benchmarks/variants_bench.py --device cuda: each cell variant's overhead
+#                       over the plain kernel, and reset= against cuDNN's pack/pad round trip
 #   ncu.txt             one split-kernel launch under ncu --clock-control none, if ncu exists
 #   summary.txt         exit codes and timings (every stage prints a timestamp)
 # Environment knobs: GPU_CHECK_TOTAL_S (default 480), GPU_CHECK_TESTS_MAX_S (default 210),
@@ -119,6 +121,10 @@ run_bench() {  # name, seconds, bench.py arguments...
 left=$(( TOTAL_S - SECONDS - MARGIN_S ))
 run_bench published 60 --backend triton-split --op lstm --dtype float16 --batch 16 \
     --seq-len 1024 --hidden-size 768
+stamp "cell variants against the plain kernels and cuDNN's pack/pad"
+timeout -k 5 75 python benchmarks/variants_bench.py --device cuda --rounds 10 \
+    --out-dir "$OUTDIR" --name variants-gpu > "$OUTDIR/variants.log" 2>&1 \
+    || echo "variants benchmark failed (see variants.log)" >&2
 left=$(( TOTAL_S - SECONDS - MARGIN_S ))
 run_bench gpu-split $(( left * 2 / 3 )) --preset gpu --backend triton-split $BENCH_ARGS
 left=$(( TOTAL_S - SECONDS - MARGIN_S ))

@@ -241,6 +241,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="one small shape, 3 rounds")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -270,10 +271,10 @@ def main(argv=None):
     print(text)
     if not args.no_save:
         name = args.name or f"variants-{device.type}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-        DEFAULT_OUT_DIR.mkdir(parents=True, exist_ok=True)
-        (DEFAULT_OUT_DIR / f"{name}.json").write_text(
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{name}.json").write_text(
             json.dumps({"meta": meta, "records": records}, indent=1))
-        (DEFAULT_OUT_DIR / f"{name}.md").write_text(text)
+        (args.out_dir / f"{name}.md").write_text(text)
     return 0
 
 
