@@ -100,3 +100,38 @@ def test_auto_uses_kernels_on_cuda():
     with lstmgru.use_backend("auto"), torch.no_grad():
         m(torch.randn(10, 4, 32, device="cuda"))
     assert _launch.launches - before == 1
+
+
+@pytest.mark.parametrize("op,kw", [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False})])
+def test_variants_on_the_kernels_match_the_reference(op, kw):
+    """zoneout, recurrent_dropout, weight_drop and resets on the tiled kernels against the
+    reference on the same device (same seed: the module draws the same masks for both)."""
+    torch.manual_seed(5)
+    m = getattr(lstmgru, op)(48, 96, num_layers=2, bidirectional=True, device="cuda",
+                             zoneout=0.2, recurrent_dropout=0.3, weight_drop=0.3, **kw)
+    x = torch.randn(40, 6, 48, device="cuda")
+    reset = torch.rand(40, 6, device="cuda") < 0.1
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(11)
+        xi = x.clone().requires_grad_()
+        m.zero_grad(set_to_none=True)
+        with lstmgru.use_backend(backend):
+            before = _launch.launches
+            y, _ = m(xi, reset=reset)
+            (y * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+            launched = _launch.launches - before
+        assert launched == (8 if backend == "triton" else 0)
+        results.append([y.detach(), xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert _err(a, b) < 1e-3 * max(1.0, b.abs().max().item())
+
+
+def test_auto_routes_layer_norm_to_the_reference_and_the_rest_to_the_kernels():
+    x = torch.randn(10, 4, 32, device="cuda")
+    for kw, launches in (({"layer_norm": True}, 0), ({"zoneout": 0.1}, 1)):
+        m = lstmgru.LSTM(32, 64, device="cuda", **kw).eval()
+        before = _launch.launches
+        with torch.no_grad():
+            m(x)
+        assert _launch.launches - before == launches, kw
