@@ -244,8 +244,8 @@ def gru_steps(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
 # --------------------------------------------------------------------------------------
 # What the fast recurrences share: the variants as per-step factors.
 # --------------------------------------------------------------------------------------
-def carry_factors(zoneout: float, zoneout_keep: Optional[torch.Tensor], per_row: Optional[torch.Tensor],
-                  T: int, B: int, like: torch.Tensor):
+def carry_factors(zoneout: float, zoneout_keep: Optional[torch.Tensor],
+                  per_row: Optional[torch.Tensor], T: int, like: torch.Tensor):
     """How much of the state entering each step it leaves unchanged: zoneout's kept share (the
     0/1 mask in training, p in eval) and 1 where a row is inactive (packed input). A (T, B, X)
     tensor (X = 1 or the state width), a float, or None (the step replaces the state).
@@ -256,8 +256,7 @@ def carry_factors(zoneout: float, zoneout_keep: Optional[torch.Tensor], per_row:
         carry = zoneout if zoneout_keep is None else zoneout_keep.to(like.dtype)
     if per_row is None:
         return carry
-    inactive = (torch.arange(T, device=like.device).unsqueeze(1)
-                >= per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
+    inactive = 1 - active_factors(per_row, T, like)
     if carry is None:
         return inactive
     return torch.maximum(inactive, inactive.new_tensor(carry) if isinstance(carry, float)
@@ -269,7 +268,8 @@ def keep_factors(cuts: Optional[torch.Tensor], like: torch.Tensor) -> Optional[t
     return None if cuts is None else (~cuts).unsqueeze(2).to(like.dtype)
 
 
-def active_factors(per_row: Optional[torch.Tensor], T: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+def active_factors(per_row: Optional[torch.Tensor], T: int,
+                   like: torch.Tensor) -> Optional[torch.Tensor]:
     """(T, B, 1) in the run dtype: 1 where a row is active, or None for no lengths."""
     if per_row is None:
         return None

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, step_order
-from ..variants import (EPS, StepVariants, carry_factors, gru_steps, keep_factors,
-                        step_value)
+from ..variants import (EPS, StepVariants, active_factors, carry_factors, gru_steps,
+                        keep_factors, step_value)
 
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
 
@@ -35,9 +35,8 @@ def _forward(gates_x, h0, weight_hh, bias_hn, ln_hh_weight, recurrent_mask, zone
     H = G // 3
     layer_norm = ln_hh_weight is not None
     keep = keep_factors(cuts, gates_x)
-    carry = carry_factors(zoneout, zoneout_keep, per_row, T, B, gates_x)
-    active = None if per_row is None else (
-        torch.arange(T, device=gates_x.device).unsqueeze(1) < per_row.unsqueeze(0)).unsqueeze(2)
+    carry = carry_factors(zoneout, zoneout_keep, per_row, T, gates_x)
+    active = active_factors(per_row, T, gates_x)
     # Detached: out= ops on tensors that require grad take a slower path.
     w = weight_hh.detach()
     w_t, w_rz_t, w_n_t = w.t(), w[:2 * H].t(), w[2 * H:].t()
@@ -97,7 +96,7 @@ def _backward(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn,
     H = G // 3
     layer_norm = ln_hh_weight is not None
     keep = keep_factors(cuts, act)
-    carry = carry_factors(zoneout, zoneout_keep, per_row, T, B, act)
+    carry = carry_factors(zoneout, zoneout_keep, per_row, T, act)
     w = weight_hh.detach()
     w_rz, w_n = w[:2 * H], w[2 * H:]
     h_prevs = previous_states(y, h0, per_row, reverse)
@@ -105,9 +104,7 @@ def _backward(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn,
         h_prevs = h_prevs * keep
     h_ins = h_prevs if recurrent_mask is None else h_prevs * recurrent_mask
     if per_row is not None:
-        active = (torch.arange(T, device=act.device).unsqueeze(1)
-                  < per_row.unsqueeze(0)).unsqueeze(2)
-        grad_y = grad_y * active  # y is constant 0 where a row is inactive
+        grad_y = grad_y * active_factors(per_row, T, act)  # y is constant 0 where inactive
     # What does not depend on the recurrence, for all steps at once, with dh~ the gradient of
     # h~ = (1 - z) n + z h (an inactive row's dh~ is 0: its carry is 1):
     #   da_z = dh~ * factors[0],  da_n = dh~ * factors[1],  dL/dh_prev gets dh~ * z, and

@@ -37,7 +37,7 @@ def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, l
     H, P = G // 4, h0.shape[1]
     layer_norm = ln_hh_weight is not None
     keep = keep_factors(cuts, gates_x)
-    carry = carry_factors(zoneout, zoneout_keep, per_row, T, B, gates_x)
+    carry = carry_factors(zoneout, zoneout_keep, per_row, T, gates_x)
     active = active_factors(per_row, T, gates_x)
     # Detached: out= ops on tensors that require grad take a slower path.
     w_hh_t = weight_hh.detach().t()
@@ -105,7 +105,7 @@ def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y,
     H = G // 4
     layer_norm = ln_hh_weight is not None
     keep = keep_factors(cuts, act)
-    carry = carry_factors(zoneout, zoneout_keep, per_row, T, B, act)
+    carry = carry_factors(zoneout, zoneout_keep, per_row, T, act)
     active = active_factors(per_row, T, act)
     w_hh, w_hr = weight_hh.detach(), None if weight_hr is None else weight_hr.detach()
     # The states entering each step, after the cut: the weight gradient's operand and the
@@ -266,8 +266,8 @@ def _fast_backward(grads, saved, inputs, outputs, options):
      recurrent_mask, zoneout_keep, cuts, per_row) = inputs
     (grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr, grad_ln_hh, grad_ln_c,
      grad_ln_c_bias) = torch.ops.lstmgru.lstm_variants_reference_backward(
-        *grads, *saved, outputs[0], h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bias,
-        recurrent_mask, zoneout_keep, cuts, per_row, *options)
+        *grads, *saved, outputs[0], h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight,
+        ln_c_bias, recurrent_mask, zoneout_keep, cuts, per_row, *options)
     layer_norm = ln_hh_weight is not None
     return (grad_gates, grad_h0, grad_c0, grad_w_hh,
             grad_w_hr if weight_hr is not None else None,
