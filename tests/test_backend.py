@@ -67,6 +67,10 @@ def test_use_backend_restores(monkeypatch):
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
 def test_explicit_triton_on_cpu_without_interpreter_raises(op, monkeypatch):
+    # Import the kernels first: @triton.jit decides on the interpreter when a kernel is
+    # defined, so kernels first imported here under "0" would stay compiled-only for the
+    # tests that follow.
+    pytest.importorskip("lstmgru._kernels.lstm")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     m = getattr(lstmgru, op)(3, 4)
     x = torch.randn(2, 3) if "Cell" in op else torch.randn(5, 2, 3)

@@ -8,19 +8,16 @@ from typing import Callable, Optional, Tuple
 from .. import _triton, backends
 
 
-def _variants_reason(case: backends.Case, family: str, implemented) -> Optional[str]:
+def _variants_reason(case: backends.Case, family: str, implemented, elsewhere: str) -> Optional[str]:
     missing = [name for name in case.variants if name not in implemented]
     if not missing:
         return None
-    return f"the {family} kernels do not implement {', '.join(missing)}"
+    return f"the {family} kernels do not implement {', '.join(missing)} ({elsewhere})"
 
 
-def triton_reason(case: backends.Case, own_reason: Callable,
-                  kernel_variants: Tuple[str, ...]) -> Optional[str]:
-    """Why the Triton kernels (the tiled family, which "triton" falls back to) cannot take
-    ``case``, or None. ``kernel_variants``: the cell variants the tiled kernels compute."""
-    return (_triton.unavailable_reason(case.device_type, case.dtype) or own_reason(case)
-            or _variants_reason(case, "tiled", kernel_variants))
+def triton_reason(case: backends.Case, own_reason: Callable) -> Optional[str]:
+    """Why no Triton kernel family can take ``case`` (whatever its variants), or None."""
+    return _triton.unavailable_reason(case.device_type, case.dtype) or own_reason(case)
 
 
 def register(cells, native, reference_recurrence, family_recurrence, kernel_cell: str,
@@ -29,15 +26,19 @@ def register(cells, native, reference_recurrence, family_recurrence, kernel_cell
     """Register native, reference, triton, triton-tiled and triton-split for each of
     ``cells``: (name, native forward) pairs. ``family_recurrence(family)`` returns the
     recurrence on a kernel family (None: the cost model picks per call). The reference takes
-    every cell variant; ``kernel_variants`` names those the tiled kernels take (the split
-    family takes none)."""
+    every cell variant; ``kernel_variants`` names those the tiled kernels take ("triton"
+    runs every call with variants on the tiled family); the split family takes weight drop."""
     def kernels(case):
-        return triton_reason(case, own_reason, kernel_variants)
+        return (triton_reason(case, own_reason)
+                or _variants_reason(case, "tiled", kernel_variants, "the reference does"))
 
     def split(case):
-        # The split family's steps are one grid-wide sync each; a variant's extra reductions
-        # (LayerNorm) or per-row state edits (resets) would add to it, so they run tiled.
-        return (kernels(case) or _variants_reason(case, "split-hidden", ())
+        # Weight drop only changes the weights the kernels are given. The other variants are
+        # elementwise (no extra sync per step) but not written for this family yet, except
+        # LayerNorm, whose row statistics span all programs: an extra grid sync per step.
+        return (triton_reason(case, own_reason)
+                or _variants_reason(case, "split-hidden", ("weight_drop",),
+                                    "backend 'triton' runs them on the tiled family")
                 or _triton.split_reason(kernel_cell, case.batch, case.hidden_size, case.dtype,
                                         case.device_type))
 

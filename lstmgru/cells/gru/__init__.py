@@ -32,7 +32,8 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
     biases that enter additively join the input projection (ONE GEMM over all steps): b_hr,
     b_hz, and b_hn too when ``reset_after=False``. With ``reset_after=True`` b_hn sits inside
     ``r * (W_hn h + b_hn)`` and stays with the recurrence. With ``variants``
-    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence.
+    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence
+    (the plain recurrence when nothing is left for the loop: weight drop alone).
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     bias = bias_hn = None
@@ -49,7 +50,7 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
     gates_x = variant_input_projection(x, weight_ih, bias, variants.ln_ih_weight)
     weight_hh = dropped_weight(weight_hh, variants.weight_mask)
     return recurrence(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after,
-                      variants.step)
+                      variants.step if variants.step.in_force() else None)
 
 
 def _family_recurrence(family):

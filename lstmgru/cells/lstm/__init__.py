@@ -29,7 +29,8 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
     ``weights`` = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), absent ones None. Both
     biases enter the gates additively, so they join the input projection (ONE GEMM over all
     steps) and the recurrence sees only ``h @ W_hh^T``. With ``variants``
-    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence.
+    (``lstmgru.cells.variants``) LN_ih and weight drop act here, the rest in the recurrence
+    (the plain recurrence when nothing is left for the loop: weight drop alone).
     """
     weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
     bias = None if bias_ih is None else bias_ih + bias_hh
@@ -38,7 +39,8 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
         return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse)
     gates_x = variant_input_projection(x, weight_ih, bias, variants.ln_ih_weight)
     weight_hh = dropped_weight(weight_hh, variants.weight_mask)
-    return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, variants.step)
+    return recurrence(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse,
+                      variants.step if variants.step.in_force() else None)
 
 
 def _own_kernel_reason(case: backends.Case) -> Optional[str]:
