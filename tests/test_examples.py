@@ -23,6 +23,7 @@ CASES = [
      ["forecast_co2.png"]),
     ("char_lm.py", [], ["matplotlib"], ["char_lm_loss.png"]),
     ("char_lm.py", ["--original-gru"], ["matplotlib"], ["char_lm_loss.png"]),
+    ("rl_resets.py", [], ["matplotlib"], ["rl_resets.png"]),
 ]
 
 
