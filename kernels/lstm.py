@@ -14,6 +14,17 @@ because a chunk needs all H columns of h_{t-1}, which other threads of the progr
 Conventions (absent arguments, contiguity, 64-bit offsets, dot precision, block shapes) are
 ``_common.py``'s. Lengths: row b is active at time t iff t < lengths[b]. An inactive row keeps its state and outputs
 0, in both directions, so a reversed row simply starts at t = lengths[b] - 1 from (h0, c0).
+
+Cell variants (``lstmgru.cells.variants``), each behind a constexpr flag so that the plain
+kernels compile as without them; their masks are the caller's, made once per call, and both
+kernels read them:
+
+* cuts (T, B) bool (HAS_CUTS): the state entering step t is zero where cuts[t, b] (h and c,
+  for the product, zoneout's kept value and the length-keep alike); already direction-adjusted
+  and clear at inactive positions (``entering_cuts``), so both directions apply it at step t.
+* recurrent_mask (B, H) (HAS_RMASK): the gates read (h_{t-1} * m) W_hh^T; nothing else sees m.
+* zoneout (ZONEOUT): 1 = training, h_t = where(keep[t], h_{t-1}, h~_t) with zoneout_keep
+  (T, B, H) bool; 2 = eval, h_t = p h_{t-1} + (1 - p) h~_t. c is not zoned out; y_t is h_t.
 """
 import torch
 import triton
@@ -67,11 +78,12 @@ def _load_pair_fp32(a_ptr, b_ptr, a_out_ptr, b_out_ptr, rows2, row_ok, H,
 
 @triton.jit(do_not_specialize=["T"])
 def _lstm_fwd_kernel(
-    gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr,
+    gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, cut_ptr, rmask_ptr, keep_ptr,
     y_ptr, hn_ptr, cn_ptr, act_ptr, c_seq_ptr,
     h_buf_ptr, c_buf_ptr,
-    T, B, H, BH,
+    T, B, H, BH, zoneout_p,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr, ZONEOUT: tl.constexpr,
     REVERSE: tl.constexpr, TRAINING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -96,6 +108,10 @@ def _lstm_fwd_kernel(
         h_wr = h_buf_ptr + ((s + 1) % 2) * BH
         if HAS_LENGTHS:
             active = (t < lens)[:, None]
+        if HAS_CUTS:
+            # Rather than zeroing the scratch state (another pass and barrier), every read of
+            # the state entering this step sees zeros in the cut rows.
+            cut = (tl.load(cut_ptr + t64 * B + rows, mask=row_ok, other=0) != 0)[:, None]
         for j in range(0, H, BLOCK_H):
             cols = j + tl.arange(0, BLOCK_H)
             col_ok = cols < H
@@ -109,11 +125,19 @@ def _lstm_fwd_kernel(
             # Gate q's rows of weight_hh for these columns: weight_hh[q*H + cols, k].
             w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * H + ks[None, :]
             h_ptrs = h_rd + rows2 * H + ks[None, :]
+            if HAS_RMASK:
+                m_ptrs = rmask_ptr + rows2 * H + ks[None, :]
             for k0 in range(0, H, BLOCK_K):
                 k_ok = (k0 + ks) < H
                 # The product runs in the weights' dtype (tensor cores for fp16/bf16) with an fp32
                 # accumulator; DOT_PRECISION decides TF32 for fp32 weights (_common.py).
                 hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_CUTS:
+                    hk = tl.where(cut, 0.0, hk)
+                if HAS_RMASK:
+                    hk = hk * tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :],
+                                      other=0.0).to(tl.float32)
+                    m_ptrs += BLOCK_K
                 hk = hk.to(w_ptr.dtype.element_ty)
                 w_mask = col_ok[:, None] & k_ok[None, :]
                 w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -131,11 +155,21 @@ def _lstm_fwd_kernel(
             g = tanh(acc_g)
             o = sigmoid(acc_o)
             c_prev = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
+            if HAS_CUTS:
+                c_prev = tl.where(cut, 0.0, c_prev)
             c = f * c_prev + i * g
             h = o * tanh(c)
+            if HAS_LENGTHS or ZONEOUT != 0:
+                h_prev = tl.load(h_rd + st, mask=mask, other=0.0)
+                if HAS_CUTS:
+                    h_prev = tl.where(cut, 0.0, h_prev)
+            if ZONEOUT == 1:
+                keep = tl.load(keep_ptr + t64 * BH + st, mask=mask, other=0) != 0
+                h = tl.where(keep, h_prev, h)
+            elif ZONEOUT == 2:
+                h = zoneout_p * h_prev + (1.0 - zoneout_p) * h
             out = h
             if HAS_LENGTHS:
-                h_prev = tl.load(h_rd + st, mask=mask, other=0.0)
                 c = tl.where(active, c, c_prev)
                 h = tl.where(active, h, h_prev)
                 out = tl.where(active, out, 0.0)
@@ -172,10 +206,12 @@ def _lstm_fwd_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _lstm_bwd_kernel(
     gy_ptr, ghn_ptr, gcn_ptr, act_ptr, c_seq_ptr, c0_ptr, w_ptr, len_ptr,
+    cut_ptr, rmask_ptr, keep_ptr,
     dgx_ptr, dh_ptr, dc_ptr,
-    T, B, H, BH,
+    T, B, H, BH, zoneout_p,
     HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr,
+    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -205,6 +241,9 @@ def _lstm_bwd_kernel(
         c_seq_prev = c_seq_ptr + t_prev.to(tl.int64) * BH
         if HAS_LENGTHS:
             active = (t < lens)[:, None]
+        if HAS_CUTS:
+            # Nothing flows across a cut: the state entering step t was zero, not c_{t-1}/h_{t-1}.
+            cut = (tl.load(cut_ptr + t64 * B + rows, mask=row_ok, other=0) != 0)[:, None]
 
         # Phase 1: gate gradients of this step, elementwise per chunk.
         for j in range(0, H, BLOCK_H):
@@ -223,11 +262,27 @@ def _lstm_bwd_kernel(
             if HAS_C0:
                 c_prev += tl.load(c0_ptr + st, mask=tl.where(is_first, mask, False),
                                   other=0.0).to(tl.float32)
-            dh = tl.load(dh_ptr + st, mask=mask, other=0.0)
+            if HAS_CUTS:
+                c_prev = tl.where(cut, 0.0, c_prev)
+            dh_next = tl.load(dh_ptr + st, mask=mask, other=0.0)
+            dh = dh_next
             if HAS_GY:
-                # Added for inactive rows too: their gate gradients are zeroed below and dh_ptr
-                # itself is not written in this phase.
+                # Added for inactive rows too: their gate gradients are zeroed below and what
+                # dh_ptr passes on there is dh_next.
                 dh += tl.load(gy_ptr + t64 * BH + st, mask=mask, other=0.0).to(tl.float32)
+            if ZONEOUT != 0:
+                # Zoneout splits dL/dh_t: the kept share goes straight to h_{t-1}, the rest to
+                # the gates. The direct share waits in dh_ptr (phase 2 adds it to the product).
+                if ZONEOUT == 1:
+                    keep = tl.load(keep_ptr + t64 * BH + st, mask=mask, other=0) != 0
+                    dh_direct = tl.where(keep, dh, 0.0)
+                    dh = tl.where(keep, 0.0, dh)
+                else:
+                    dh_direct = zoneout_p * dh
+                    dh = (1.0 - zoneout_p) * dh
+                if HAS_LENGTHS:
+                    dh_direct = tl.where(active, dh_direct, dh_next)
+                tl.store(dh_ptr + st, dh_direct, mask=mask)
             dc_next = tl.load(dc_ptr + st, mask=mask, other=0.0)
             tc = tanh(c)
             dc = dc_next + dh * o * (1.0 - tc * tc)
@@ -242,6 +297,8 @@ def _lstm_bwd_kernel(
                 da_g = tl.where(active, da_g, 0.0)
                 da_o = tl.where(active, da_o, 0.0)
                 dc = tl.where(active, dc, dc_next)
+            if HAS_CUTS:
+                dc = tl.where(cut, 0.0, dc)
             tl.store(dgx_t + g_off, da_i, mask=mask)
             tl.store(dgx_t + g_off + H, da_f, mask=mask)
             tl.store(dgx_t + g_off + 2 * H, da_g, mask=mask)
@@ -268,9 +325,20 @@ def _lstm_bwd_kernel(
                     acc = tl.dot(da, w, acc, input_precision=DOT_PRECISION)
                     da_ptrs += BLOCK_K
                     w_ptrs += BLOCK_K * H
-            if HAS_LENGTHS:
+            if HAS_RMASK:
+                acc = acc * tl.load(rmask_ptr + st, mask=mask, other=0.0).to(tl.float32)
+            if ZONEOUT != 0:
+                # Phase 1 left zoneout's direct share here (dh_next itself for inactive rows).
+                direct = tl.load(dh_ptr + st, mask=mask, other=0.0)
+                if HAS_LENGTHS:
+                    acc = tl.where(active, acc + direct, direct)
+                else:
+                    acc += direct
+            elif HAS_LENGTHS:
                 # An inactive step passed h through unchanged, and so does its gradient.
                 acc = tl.where(active, acc, tl.load(dh_ptr + st, mask=mask, other=0.0))
+            if HAS_CUTS:
+                acc = tl.where(cut, 0.0, acc)
             tl.store(dh_ptr + st, acc, mask=mask)
         tl.debug_barrier()
 
@@ -295,13 +363,48 @@ def _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths):
         _check("lengths", lengths, (B,), lengths.dtype, device)
 
 
-def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool):
+class _Variants:
+    """The cell variants of one call, checked and laid out as both kernels take them."""
+
+    def __init__(self, T, B, H, dtype, device, cuts, recurrent_mask, zoneout, zoneout_keep):
+        if cuts is not None:
+            _check("cuts", cuts, (T, B), torch.bool, device)
+        if recurrent_mask is not None:
+            _check("recurrent_mask", recurrent_mask, (B, H), dtype, device)
+        if (not isinstance(zoneout, (int, float)) or isinstance(zoneout, bool)
+                or not 0 <= zoneout <= 1):
+            raise ValueError(f"zoneout must be a number in [0, 1], got {zoneout!r}")
+        if zoneout_keep is not None:
+            if zoneout == 0:
+                raise ValueError("zoneout_keep is given but zoneout is 0")
+            _check("zoneout_keep", zoneout_keep, (T, B, H), torch.bool, device)
+        # Bool masks go in as bytes (the same storage) and are compared with 0 in the kernels.
+        self.cuts = None if cuts is None else contiguous(cuts).view(torch.uint8)
+        self.recurrent_mask = contiguous(recurrent_mask)
+        self.keep = None if zoneout_keep is None else contiguous(zoneout_keep).view(torch.uint8)
+        self.zoneout = float(zoneout)
+        # 0: no zoneout; 1: training (the keep mask); 2: eval (the expectation, weight p).
+        self.mode = 0 if zoneout == 0 else (1 if zoneout_keep is not None else 2)
+
+    def pointers(self):
+        return self.cuts, self.recurrent_mask, self.keep
+
+    def flags(self):
+        return dict(HAS_CUTS=self.cuts is not None, HAS_RMASK=self.recurrent_mask is not None,
+                    ZONEOUT=self.mode)
+
+
+def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool,
+                 cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None):
     """Run the LSTM recurrence over all T steps in one launch.
 
     gates_x: (T, B, 4H) contiguous, fp32/fp16/bf16, = x @ W_ih^T + b_ih + b_hh for every step.
     h0, c0: (B, H) in gates_x.dtype, or None for zeros. weight_hh: (4H, H) in gates_x.dtype.
     lengths: None (every row runs T steps) or an int32/int64 (B,) tensor on the same device, any
     order; row b is active at time t iff t < lengths[b]. reverse: run t = T-1 down to 0.
+    Cell variants (the module docstring): cuts (T, B) bool, recurrent_mask (B, H) in
+    gates_x.dtype, zoneout p in [0, 1] with zoneout_keep (T, B, H) bool (training form) or None
+    (eval form); the defaults are the plain LSTM.
 
     Returns (y, h_n, c_n, saved): y (T, B, H) is 0 at inactive positions; h_n, c_n (B, H) are each
     row's state after its last active step; all three in gates_x.dtype. ``saved`` is None unless
@@ -316,6 +419,7 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     if G != 4 * H:
         raise ValueError(f"gates_x must be a (T, B, 4H) tensor, got {tuple(gates_x.shape)}")
     _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths)
+    variants = _Variants(T, B, H, dtype, device, cuts, recurrent_mask, zoneout, zoneout_keep)
     gates_x, h0, c0, weight_hh = (contiguous(t) for t in (gates_x, h0, c0, weight_hh))
 
     y = torch.empty((T, B, H), device=device, dtype=dtype)
@@ -336,10 +440,11 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     act, c_seq = saved if training else (None, None)
     _launch.launch(
         _lstm_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
-        gates_x, weight_hh, h0, c0, contiguous(lengths),
+        gates_x, weight_hh, h0, c0, contiguous(lengths), *variants.pointers(),
         y, h_n, c_n, act, c_seq, h_buf, c_buf,
-        T, B, H, B * H,
+        T, B, H, B * H, variants.zoneout,
         HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
+        **variants.flags(),
         REVERSE=bool(reverse), TRAINING=bool(training),
         DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
@@ -348,13 +453,15 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     return y, h_n, c_n, saved
 
 
-def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengths, reverse: bool):
+def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengths, reverse: bool,
+                  cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None):
     """Reverse recurrence of ``lstm_forward`` in one launch, producing the gate gradients.
 
     grad_y (T, B, H), grad_h_n, grad_c_n (B, H): any dtype and strides, any may be None (zeros).
-    saved, h0, c0, weight_hh, lengths, reverse: as given to / returned by ``lstm_forward``.
+    saved, h0, c0, weight_hh, lengths, reverse and the variants (cuts, recurrent_mask, zoneout,
+    zoneout_keep): as given to / returned by ``lstm_forward``.
     y and h0 are not read: the gate gradients need only the saved activations and cell states
-    (the caller uses y and h0 for grad(weight_hh) = grad_gates_x^T @ h_prev).
+    (the caller uses y and h0 for grad(weight_hh) = grad_gates_x^T @ (h_prev * m), h_prev cut).
 
     Returns fp32 (grad_gates_x (T, B, 4H), grad_h0 (B, H), grad_c0 (B, H)); grad_gates_x is the
     gradient w.r.t. the gate pre-activations and exactly 0 at inactive positions.
@@ -364,6 +471,7 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     H = G // 4
     device, dtype = act.device, weight_hh.dtype
     _check_common(B, H, dtype, device, None, c0, weight_hh, lengths)
+    variants = _Variants(T, B, H, dtype, device, cuts, recurrent_mask, zoneout, zoneout_keep)
     # Autograd may hand over strided or expanded gradients (e.g. from y.sum()); the kernel
     # indexes them as dense tensors.
     grads = []
@@ -385,10 +493,12 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     _launch.launch(
         _lstm_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
         grad_y, grad_h_n, grad_c_n, act, c_seq, c0, weight_hh, contiguous(lengths),
+        *variants.pointers(),
         grad_gates_x, grad_h0, grad_c0,
-        T, B, H, B * H,
+        T, B, H, B * H, variants.zoneout,
         HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
-        HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
+        HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, **variants.flags(),
+        REVERSE=bool(reverse),
         DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,

@@ -7,6 +7,8 @@ to run).
 
 Imported only when a kernel runs, so ``import lstmgru`` needs no triton.
 ``lstm_recurrence`` takes the arguments of ``reference.lstm_recurrence`` and returns its results.
+The tiled family also takes the cell variants' part in the loop (``StepVariants``: resets,
+recurrent dropout, zoneout; not layer_norm); their masks are op inputs, made by the caller.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
+from ..variants import StepVariants, lstm_steps
 from ..._kernels import gru as tiled_gru_kernels
 from ..._kernels import lstm as tiled_lstm_kernels
 from ..._kernels import split as split_kernels
@@ -42,18 +45,32 @@ def _nothing(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _variant_args(cuts, recurrent_mask, zoneout, zoneout_keep) -> dict:
+    """The variants as keyword arguments of the tiled launchers; none for the plain LSTM, so
+    the split family (which takes no variants: ``lstm_recurrence`` refuses them) runs too."""
+    args = dict(cuts=cuts, recurrent_mask=recurrent_mask, zoneout_keep=zoneout_keep)
+    args = {name: mask for name, mask in args.items() if mask is not None}
+    if zoneout > 0:
+        args["zoneout"] = zoneout
+    return args
+
+
 @torch.library.custom_op("lstmgru::lstm_forward", mutates_args=())
 def lstm_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
-                 lengths: Optional[Tensor], reverse: bool, family: str,
+                 cuts: Optional[Tensor], recurrent_mask: Optional[Tensor],
+                 zoneout_keep: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+                 family: str, zoneout: float,
                  training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, h_n, c_n, saved = FAMILIES[family].lstm_forward(gates_x, h0, c0, weight_hh, lengths,
-                                                       reverse, training)
+    y, h_n, c_n, saved = FAMILIES[family].lstm_forward(
+        gates_x, h0, c0, weight_hh, lengths, reverse, training,
+        **_variant_args(cuts, recurrent_mask, zoneout, zoneout_keep))
     gates, cells = saved if training else (_nothing(y), _nothing(y))
     return y, h_n, c_n, gates, cells
 
 
 @lstm_forward.register_fake
-def _(gates_x, h0, c0, weight_hh, lengths, reverse, family, training):
+def _(gates_x, h0, c0, weight_hh, cuts, recurrent_mask, zoneout_keep, lengths, reverse, family,
+      zoneout, training):
     T, B, G = gates_x.shape
     H = G // 4
     y = gates_x.new_empty(T, B, H)
@@ -67,54 +84,79 @@ def _(gates_x, h0, c0, weight_hh, lengths, reverse, family, training):
 @torch.library.custom_op("lstmgru::lstm_backward", mutates_args=())
 def lstm_backward(grad_y: Optional[Tensor], grad_h_n: Optional[Tensor],
                   grad_c_n: Optional[Tensor], gates: Tensor, cells: Tensor, c0: Tensor,
-                  weight_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
-                  family: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  weight_hh: Tensor, cuts: Optional[Tensor], recurrent_mask: Optional[Tensor],
+                  zoneout_keep: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+                  family: str, zoneout: float) -> Tuple[Tensor, Tensor, Tensor]:
     # y and h0 are not read by the kernels (they only feed the weight gradient, below).
-    return FAMILIES[family].lstm_backward(grad_y, grad_h_n, grad_c_n, (gates, cells), None, None,
-                                          c0, weight_hh, lengths, reverse)
+    return FAMILIES[family].lstm_backward(
+        grad_y, grad_h_n, grad_c_n, (gates, cells), None, None, c0, weight_hh, lengths, reverse,
+        **_variant_args(cuts, recurrent_mask, zoneout, zoneout_keep))
 
 
 @lstm_backward.register_fake
-def _(grad_y, grad_h_n, grad_c_n, gates, cells, c0, weight_hh, lengths, reverse, family):
+def _(grad_y, grad_h_n, grad_c_n, gates, cells, c0, weight_hh, cuts, recurrent_mask,
+      zoneout_keep, lengths, reverse, family, zoneout):
     T, B, G = gates.shape
     return gates.new_empty(T, B, G), gates.new_empty(B, G // 4), gates.new_empty(B, G // 4)
 
 
-register_row_vmap(lstm_forward, (1, 0, 0, None, 0, None, None, None), (1, 0, 0, 1, 1))
-register_row_vmap(lstm_backward, (1, 0, 0, 1, 1, 0, None, 0, None, None), None)
+# Batch rows: cuts (T, B) and zoneout_keep (T, B, H) along dim 1, recurrent_mask (B, H) dim 0.
+register_row_vmap(lstm_forward, (1, 0, 0, None, 1, 0, 1, 0, None, None, None, None),
+                  (1, 0, 0, 1, 1))
+register_row_vmap(lstm_backward, (1, 0, 0, 1, 1, 0, None, 1, 0, 1, 0, None, None, None), None)
 
 
 def _fast_backward(grads, saved, inputs, outputs, options):
-    gates_x, h0, c0, weight_hh, per_row = inputs
-    reverse, family = options
-    grad_gates, grad_h0, grad_c0 = torch.ops.lstmgru.lstm_backward(*grads, *saved, c0, weight_hh,
-                                                                   per_row, reverse, family)
-    grad_weight_hh = recurrent_weight_grad(grad_gates,
-                                           previous_states(outputs[0], h0, per_row, reverse))
+    gates_x, h0, c0, weight_hh, cuts, recurrent_mask, zoneout_keep, per_row = inputs
+    reverse, family, zoneout = options
+    grad_gates, grad_h0, grad_c0 = torch.ops.lstmgru.lstm_backward(
+        *grads, *saved, c0, weight_hh, cuts, recurrent_mask, zoneout_keep, per_row, reverse,
+        family, zoneout)
+    # The product's operand at each step: the state entering it, cut, then masked.
+    h_prev = previous_states(outputs[0], h0, per_row, reverse)
+    if cuts is not None:
+        h_prev = h_prev.masked_fill(cuts.unsqueeze(2), 0)
+    if recurrent_mask is not None:
+        h_prev = h_prev * recurrent_mask
+    grad_weight_hh = recurrent_weight_grad(grad_gates, h_prev)
     return (grad_gates.to(gates_x.dtype), grad_h0.to(h0.dtype), grad_c0.to(c0.dtype),
-            grad_weight_hh.to(weight_hh.dtype))
+            grad_weight_hh.to(weight_hh.dtype), None, None, None)
 
 
-def _spec(gates_x, h0, c0, weight_hh, per_row, reverse, family):
-    return spec.recurrence(gates_x, h0, c0, weight_hh, None, per_row, reverse)
+def _spec(gates_x, h0, c0, weight_hh, cuts, recurrent_mask, zoneout_keep, per_row, reverse,
+          family, zoneout):
+    if cuts is None and recurrent_mask is None and zoneout == 0:
+        return spec.recurrence(gates_x, h0, c0, weight_hh, None, per_row, reverse)
+    variants = StepVariants(recurrent_mask=recurrent_mask, zoneout=zoneout,
+                            zoneout_keep=zoneout_keep, cuts=cuts)
+    return lstm_steps(gates_x, h0, c0, weight_hh, None, per_row, reverse, variants)
 
 
 _LSTMKernelRecurrence = recurrence_function("LSTMKernelRecurrence",
                                             "lstmgru::lstm_forward", _fast_backward,
-                                            _spec, num_inputs=5, num_outputs=3)
+                                            _spec, num_inputs=8, num_outputs=3)
 
 
 def lstm_recurrence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                     weight_hr: Optional[Tensor] = None, lengths: Optional[Lengths] = None,
-                    reverse: bool = False, family: str = "tiled", variants=None):
+                    reverse: bool = False, family: str = "tiled",
+                    variants: Optional[StepVariants] = None):
     """``reference.lstm_recurrence`` on the kernels of ``family`` ("tiled" or "split"). They
-    have no projection: the registry never sends ``proj_size`` here."""
+    have no projection: the registry never sends ``proj_size`` here. ``variants``: resets,
+    recurrent dropout and zoneout, on the tiled family only (the registry routes them there);
+    not layer_norm (the registry runs it on the reference)."""
     if weight_hr is not None:
         raise ValueError("the Triton LSTM kernels have no projection (weight_hr)")
-    if variants is not None:
-        raise NotImplementedError("the LSTM kernels do not implement the cell variants yet")
+    if variants is None:
+        variants = StepVariants()
+    elif variants.layer_norm:
+        raise ValueError("the Triton LSTM kernels do not implement layer_norm")
+    elif family != "tiled" and variants.in_force():
+        raise ValueError(f"the {family!r} LSTM kernel family takes no cell variants "
+                         f"({', '.join(variants.in_force())}); the tiled family does")
     per_row = None if lengths is None else lengths.per_row
     training = needs_grad(gates_x, h0, c0, weight_hh)
-    y, h_n, c_n, *_ = _LSTMKernelRecurrence.apply(gates_x, h0, c0, weight_hh, per_row, reverse,
-                                                  family, training)
+    y, h_n, c_n, *_ = _LSTMKernelRecurrence.apply(
+        gates_x, h0, c0, weight_hh, variants.cuts, variants.recurrent_mask,
+        variants.zoneout_keep, per_row, reverse, family, float(variants.zoneout), training)
     return y, h_n, c_n
