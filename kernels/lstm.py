@@ -76,14 +76,128 @@ def _load_pair_fp32(a_ptr, b_ptr, a_out_ptr, b_out_ptr, rows2, row_ok, H,
         tl.store(b_out_ptr + st, b, mask=mask)
 
 
+# F.layer_norm's epsilon, the variants' (lstmgru.cells.variants.EPS)
+EPS = tl.constexpr(1e-5)
+
+
+@triton.jit
+def _layer_norm_cols(v, w_ptr, b_ptr, cols, col_ok, mean, rstd):
+    """(v - mean) * rstd * w[cols] + b[cols] for a (BLOCK_B, BLOCK_H) chunk, row statistics
+    mean and rstd (BLOCK_B,)."""
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (v - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
+def _normed(rec_ptrs, gx_ptrs, w_ptrs, mask, col_ok, mean, rstd):
+    """One gate's pre-activation under LN_hh: LN_hh(rec)[cols] (gain only) + gates_x."""
+    rec = tl.load(rec_ptrs, mask=mask, other=0.0)
+    w = tl.load(w_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+    gx = tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return (rec - mean[:, None]) * rstd[:, None] * w[None, :] + gx
+
+
+@triton.jit
+def _gate_products(acc_i, acc_f, acc_g, acc_o, h_rd, rmask_ptr, w_ptr, rows2, row_ok, cols,
+                   col_ok, ks, cut, H, HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc_q += (h_{t-1} * m) @ W_q[cols]^T for the four gates, h_{t-1} zero in cut rows."""
+    # Gate q's rows of weight_hh for these columns: weight_hh[q*H + cols, k].
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * H + ks[None, :]
+    h_ptrs = h_rd + rows2 * H + ks[None, :]
+    if HAS_RMASK:
+        m_ptrs = rmask_ptr + rows2 * H + ks[None, :]
+    for k0 in range(0, H, BLOCK_K):
+        k_ok = (k0 + ks) < H
+        # The product runs in the weights' dtype (tensor cores for fp16/bf16) with an fp32
+        # accumulator; DOT_PRECISION decides TF32 for fp32 weights (_common.py).
+        hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_CUTS:
+            hk = tl.where(cut, 0.0, hk)
+        if HAS_RMASK:
+            hk = hk * tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :],
+                              other=0.0).to(tl.float32)
+            m_ptrs += BLOCK_K
+        hk = hk.to(w_ptr.dtype.element_ty)
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
+        w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
+        w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
+        acc_i = tl.dot(hk, tl.trans(w_i), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(hk, tl.trans(w_f), acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(hk, tl.trans(w_g), acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(hk, tl.trans(w_o), acc_o, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _new_cell(pre_i, pre_f, pre_g, pre_o, c_buf_ptr, act_t, c_seq_t, st, g_off, mask, active,
+              cut, H, HAS_LENGTHS: tl.constexpr, HAS_CUTS: tl.constexpr,
+              TRAINING: tl.constexpr):
+    """The gates and c_t from the pre-activations: c_t goes to c_buf (and c_seq), the gates
+    to act when TRAINING. Inactive rows keep c and get zero gates. Returns (c_t, o)."""
+    i = sigmoid(pre_i)
+    f = sigmoid(pre_f)
+    g = tanh(pre_g)
+    o = sigmoid(pre_o)
+    c_prev = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
+    if HAS_CUTS:
+        c_prev = tl.where(cut, 0.0, c_prev)
+    c = f * c_prev + i * g
+    if HAS_LENGTHS:
+        c = tl.where(active, c, c_prev)
+        i = tl.where(active, i, 0.0)
+        f = tl.where(active, f, 0.0)
+        g = tl.where(active, g, 0.0)
+        o = tl.where(active, o, 0.0)
+    tl.store(c_buf_ptr + st, c, mask=mask)
+    if TRAINING:
+        tl.store(act_t + g_off, i, mask=mask)
+        tl.store(act_t + g_off + H, f, mask=mask)
+        tl.store(act_t + g_off + 2 * H, g, mask=mask)
+        tl.store(act_t + g_off + 3 * H, o, mask=mask)
+        # The kept state at inactive positions too: a reversed row's first active step
+        # reads its c_prev from the following (inactive) time step.
+        tl.store(c_seq_t + st, c, mask=mask)
+    return c, o
+
+
+@triton.jit
+def _new_hidden(h, h_rd, h_wr, y_t, keep_t, st, mask, active, cut, zoneout_p,
+                HAS_LENGTHS: tl.constexpr, HAS_CUTS: tl.constexpr, ZONEOUT: tl.constexpr):
+    """h_t from h~_t = o * tanh(.): zoneout, then inactive rows keep h_{t-1}; stores h_t to
+    the state buffer and (0 where inactive) to y."""
+    if HAS_LENGTHS or ZONEOUT != 0:
+        h_prev = tl.load(h_rd + st, mask=mask, other=0.0)
+        if HAS_CUTS:
+            h_prev = tl.where(cut, 0.0, h_prev)
+    if ZONEOUT == 1:
+        keep = tl.load(keep_t + st, mask=mask, other=0) != 0
+        h = tl.where(keep, h_prev, h)
+    elif ZONEOUT == 2:
+        h = zoneout_p * h_prev + (1.0 - zoneout_p) * h
+    out = h
+    if HAS_LENGTHS:
+        h = tl.where(active, h, h_prev)
+        out = tl.where(active, out, 0.0)
+    tl.store(h_wr + st, h, mask=mask)
+    tl.store(y_t + st, out.to(y_t.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _lstm_fwd_kernel(
     gx_ptr, w_ptr, h0_ptr, c0_ptr, len_ptr, cut_ptr, rmask_ptr, keep_ptr,
-    y_ptr, hn_ptr, cn_ptr, act_ptr, c_seq_ptr,
-    h_buf_ptr, c_buf_ptr,
-    T, B, H, BH, zoneout_p,
+    ln_ptr, ln_c_w_ptr, ln_c_b_ptr,
+    y_ptr, hn_ptr, cn_ptr, act_ptr, c_seq_ptr, rec_ptr, stats_ptr,
+    h_buf_ptr, c_buf_ptr, o_buf_ptr,
+    T, B, H, BH, zoneout_p, rec_step,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr, ZONEOUT: tl.constexpr,
+    LAYER_NORM: tl.constexpr,
     REVERSE: tl.constexpr, TRAINING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -104,92 +218,112 @@ def _lstm_fwd_kernel(
         t64 = t.to(tl.int64)
         gx_t = gx_ptr + t64 * (4 * BH)
         y_t = y_ptr + t64 * BH
+        keep_t = keep_ptr
+        if ZONEOUT == 1:
+            keep_t = keep_ptr + t64 * BH
+        act_t = act_ptr
+        c_seq_t = c_seq_ptr
+        if TRAINING:
+            act_t = act_ptr + t64 * (4 * BH)
+            c_seq_t = c_seq_ptr + t64 * BH
         h_rd = h_buf_ptr + (s % 2) * BH
         h_wr = h_buf_ptr + ((s + 1) % 2) * BH
+        # (Stand-ins where a flag is off: the helpers read them only under their flags.)
+        active = row_ok[:, None]
+        cut = row_ok[:, None]
         if HAS_LENGTHS:
             active = (t < lens)[:, None]
         if HAS_CUTS:
             # Rather than zeroing the scratch state (another pass and barrier), every read of
             # the state entering this step sees zeros in the cut rows.
             cut = (tl.load(cut_ptr + t64 * B + rows, mask=row_ok, other=0) != 0)[:, None]
-        for j in range(0, H, BLOCK_H):
-            cols = j + tl.arange(0, BLOCK_H)
-            col_ok = cols < H
-            mask = row_ok[:, None] & col_ok[None, :]
-            st = rows2 * H + cols[None, :]
-            g_off = rows2 * (4 * H) + cols[None, :]
-            acc_i = tl.load(gx_t + g_off, mask=mask, other=0.0).to(tl.float32)
-            acc_f = tl.load(gx_t + g_off + H, mask=mask, other=0.0).to(tl.float32)
-            acc_g = tl.load(gx_t + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
-            acc_o = tl.load(gx_t + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
-            # Gate q's rows of weight_hh for these columns: weight_hh[q*H + cols, k].
-            w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * H + ks[None, :]
-            h_ptrs = h_rd + rows2 * H + ks[None, :]
-            if HAS_RMASK:
-                m_ptrs = rmask_ptr + rows2 * H + ks[None, :]
-            for k0 in range(0, H, BLOCK_K):
-                k_ok = (k0 + ks) < H
-                # The product runs in the weights' dtype (tensor cores for fp16/bf16) with an fp32
-                # accumulator; DOT_PRECISION decides TF32 for fp32 weights (_common.py).
-                hk = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if HAS_CUTS:
-                    hk = tl.where(cut, 0.0, hk)
-                if HAS_RMASK:
-                    hk = hk * tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :],
-                                      other=0.0).to(tl.float32)
-                    m_ptrs += BLOCK_K
-                hk = hk.to(w_ptr.dtype.element_ty)
-                w_mask = col_ok[:, None] & k_ok[None, :]
-                w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
-                w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
-                w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
-                w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
-                acc_i = tl.dot(hk, tl.trans(w_i), acc_i, input_precision=DOT_PRECISION)
-                acc_f = tl.dot(hk, tl.trans(w_f), acc_f, input_precision=DOT_PRECISION)
-                acc_g = tl.dot(hk, tl.trans(w_g), acc_g, input_precision=DOT_PRECISION)
-                acc_o = tl.dot(hk, tl.trans(w_o), acc_o, input_precision=DOT_PRECISION)
-                h_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            i = sigmoid(acc_i)
-            f = sigmoid(acc_f)
-            g = tanh(acc_g)
-            o = sigmoid(acc_o)
-            c_prev = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
-            if HAS_CUTS:
-                c_prev = tl.where(cut, 0.0, c_prev)
-            c = f * c_prev + i * g
-            h = o * tanh(c)
-            if HAS_LENGTHS or ZONEOUT != 0:
-                h_prev = tl.load(h_rd + st, mask=mask, other=0.0)
-                if HAS_CUTS:
-                    h_prev = tl.where(cut, 0.0, h_prev)
-            if ZONEOUT == 1:
-                keep = tl.load(keep_ptr + t64 * BH + st, mask=mask, other=0) != 0
-                h = tl.where(keep, h_prev, h)
-            elif ZONEOUT == 2:
-                h = zoneout_p * h_prev + (1.0 - zoneout_p) * h
-            out = h
-            if HAS_LENGTHS:
-                c = tl.where(active, c, c_prev)
-                h = tl.where(active, h, h_prev)
-                out = tl.where(active, out, 0.0)
-                i = tl.where(active, i, 0.0)
-                f = tl.where(active, f, 0.0)
-                g = tl.where(active, g, 0.0)
-                o = tl.where(active, o, 0.0)
-            tl.store(c_buf_ptr + st, c, mask=mask)
-            tl.store(h_wr + st, h, mask=mask)
-            tl.store(y_t + st, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if LAYER_NORM:
+            # Three passes over the columns, as LN needs each row's statistics over all gates
+            # (then over c) before any column goes on: (1) the raw product to rec and its row
+            # sums; (2) LN_hh, the gates and c_t, with c's row sums; (3) LN_c and h_t.
+            rec_t = rec_ptr + t64 * rec_step
+            sums = tl.zeros((BLOCK_B,), tl.float32)
+            squares = tl.zeros((BLOCK_B,), tl.float32)
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                g_off = rows2 * (4 * H) + cols[None, :]
+                zero = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                r_i, r_f, r_g, r_o = _gate_products(zero, zero, zero, zero, h_rd, rmask_ptr,
+                                                    w_ptr, rows2, row_ok, cols, col_ok, ks, cut,
+                                                    H, HAS_CUTS, HAS_RMASK, DOT_PRECISION,
+                                                    BLOCK_K)
+                tl.store(rec_t + g_off, r_i, mask=mask)
+                tl.store(rec_t + g_off + H, r_f, mask=mask)
+                tl.store(rec_t + g_off + 2 * H, r_g, mask=mask)
+                tl.store(rec_t + g_off + 3 * H, r_o, mask=mask)
+                # (columns past H read zero weights, so they add nothing)
+                sums += tl.sum(r_i + r_f + r_g + r_o, axis=1)
+                squares += tl.sum(r_i * r_i + r_f * r_f + r_g * r_g + r_o * r_o, axis=1)
+            mean = sums / (4 * H)
+            rstd = 1.0 / tl.sqrt(tl.maximum(squares / (4 * H) - mean * mean, 0.0) + EPS)
+            tl.debug_barrier()
+            c_sums = tl.zeros((BLOCK_B,), tl.float32)
+            c_squares = tl.zeros((BLOCK_B,), tl.float32)
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                st = rows2 * H + cols[None, :]
+                g_off = rows2 * (4 * H) + cols[None, :]
+                pre_i = _normed(rec_t + g_off, gx_t + g_off, ln_ptr + cols, mask, col_ok,
+                                mean, rstd)
+                pre_f = _normed(rec_t + g_off + H, gx_t + g_off + H, ln_ptr + H + cols, mask,
+                                col_ok, mean, rstd)
+                pre_g = _normed(rec_t + g_off + 2 * H, gx_t + g_off + 2 * H,
+                                ln_ptr + 2 * H + cols, mask, col_ok, mean, rstd)
+                pre_o = _normed(rec_t + g_off + 3 * H, gx_t + g_off + 3 * H,
+                                ln_ptr + 3 * H + cols, mask, col_ok, mean, rstd)
+                c, o = _new_cell(pre_i, pre_f, pre_g, pre_o, c_buf_ptr, act_t, c_seq_t, st,
+                                 g_off, mask, active, cut, H, HAS_LENGTHS, HAS_CUTS, TRAINING)
+                tl.store(o_buf_ptr + st, o, mask=mask)
+                c = tl.where(mask, c, 0.0)
+                c_sums += tl.sum(c, axis=1)
+                c_squares += tl.sum(c * c, axis=1)
+            mean_c = c_sums / H
+            rstd_c = 1.0 / tl.sqrt(tl.maximum(c_squares / H - mean_c * mean_c, 0.0) + EPS)
             if TRAINING:
-                act_t = act_ptr + t64 * (4 * BH)
-                c_seq_t = c_seq_ptr + t64 * BH
-                tl.store(act_t + g_off, i, mask=mask)
-                tl.store(act_t + g_off + H, f, mask=mask)
-                tl.store(act_t + g_off + 2 * H, g, mask=mask)
-                tl.store(act_t + g_off + 3 * H, o, mask=mask)
-                # The kept state at inactive positions too: a reversed row's first active step
-                # reads its c_prev from the following (inactive) time step.
-                tl.store(c_seq_t + st, c, mask=mask)
+                stats_t = stats_ptr + (t64 * B + rows) * 4
+                tl.store(stats_t, mean, mask=row_ok)
+                tl.store(stats_t + 1, rstd, mask=row_ok)
+                tl.store(stats_t + 2, mean_c, mask=row_ok)
+                tl.store(stats_t + 3, rstd_c, mask=row_ok)
+            tl.debug_barrier()
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                st = rows2 * H + cols[None, :]
+                c = tl.load(c_buf_ptr + st, mask=mask, other=0.0)
+                o = tl.load(o_buf_ptr + st, mask=mask, other=0.0)
+                c_normed = _layer_norm_cols(c, ln_c_w_ptr, ln_c_b_ptr, cols, col_ok, mean_c,
+                                            rstd_c)
+                _new_hidden(o * tanh(c_normed), h_rd, h_wr, y_t, keep_t, st, mask, active, cut,
+                            zoneout_p, HAS_LENGTHS, HAS_CUTS, ZONEOUT)
+        else:
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                st = rows2 * H + cols[None, :]
+                g_off = rows2 * (4 * H) + cols[None, :]
+                acc_i = tl.load(gx_t + g_off, mask=mask, other=0.0).to(tl.float32)
+                acc_f = tl.load(gx_t + g_off + H, mask=mask, other=0.0).to(tl.float32)
+                acc_g = tl.load(gx_t + g_off + 2 * H, mask=mask, other=0.0).to(tl.float32)
+                acc_o = tl.load(gx_t + g_off + 3 * H, mask=mask, other=0.0).to(tl.float32)
+                acc_i, acc_f, acc_g, acc_o = _gate_products(
+                    acc_i, acc_f, acc_g, acc_o, h_rd, rmask_ptr, w_ptr, rows2, row_ok, cols,
+                    col_ok, ks, cut, H, HAS_CUTS, HAS_RMASK, DOT_PRECISION, BLOCK_K)
+                c, o = _new_cell(acc_i, acc_f, acc_g, acc_o, c_buf_ptr, act_t, c_seq_t, st,
+                                 g_off, mask, active, cut, H, HAS_LENGTHS, HAS_CUTS, TRAINING)
+                _new_hidden(o * tanh(c), h_rd, h_wr, y_t, keep_t, st, mask, active, cut,
+                            zoneout_p, HAS_LENGTHS, HAS_CUTS, ZONEOUT)
         tl.debug_barrier()
 
     h_fin = h_buf_ptr + (T % 2) * BH
@@ -203,15 +337,49 @@ def _lstm_fwd_kernel(
         tl.store(cn_ptr + st, c.to(cn_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _grad_into_step(dh_ptr, gy_ptr, keep_t, gy_t, st, mask, active, zoneout_p,
+                    HAS_GY: tl.constexpr, HAS_LENGTHS: tl.constexpr, ZONEOUT: tl.constexpr):
+    """dL/dh_t split as the step's backward needs it: (the share through h~_t, zoneout's share
+    straight to h_{t-1} (dh_next itself for inactive rows), dh_next)."""
+    dh_next = tl.load(dh_ptr + st, mask=mask, other=0.0)
+    dh = dh_next
+    if HAS_GY:
+        # Added for inactive rows too: their gate gradients are zeroed and what dh_ptr passes
+        # on there is dh_next.
+        dh += tl.load(gy_t + st, mask=mask, other=0.0).to(tl.float32)
+    dh_direct = dh_next
+    if ZONEOUT == 1:
+        keep = tl.load(keep_t + st, mask=mask, other=0) != 0
+        dh_direct = tl.where(keep, dh, 0.0)
+        dh = tl.where(keep, 0.0, dh)
+    elif ZONEOUT == 2:
+        dh_direct = zoneout_p * dh
+        dh = (1.0 - zoneout_p) * dh
+    if ZONEOUT != 0 and HAS_LENGTHS:
+        dh_direct = tl.where(active, dh_direct, dh_next)
+    return dh, dh_direct, dh_next
+
+
+@triton.jit
+def _gain_sums(sums, dots, da, w_ptrs, rec_ptrs, mask, col_ok, mean, rstd):
+    """One gate chunk's part of sum(v) and sum(v * rec_hat), v = LN_hh's gain * da."""
+    v = da * tl.load(w_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    rec_hat = (tl.load(rec_ptrs, mask=mask, other=0.0) - mean[:, None]) * rstd[:, None]
+    return sums + tl.sum(v, axis=1), dots + tl.sum(v * rec_hat, axis=1)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _lstm_bwd_kernel(
     gy_ptr, ghn_ptr, gcn_ptr, act_ptr, c_seq_ptr, c0_ptr, w_ptr, len_ptr,
     cut_ptr, rmask_ptr, keep_ptr,
-    dgx_ptr, dh_ptr, dc_ptr,
+    ln_ptr, ln_c_w_ptr, ln_c_b_ptr, rec_ptr, stats_ptr,
+    dgx_ptr, dh_ptr, dc_ptr, drec_ptr, dcn_ptr,
     T, B, H, BH, zoneout_p,
     HAS_GY: tl.constexpr, HAS_GHN: tl.constexpr, HAS_GCN: tl.constexpr, HAS_C0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr,
-    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ZONEOUT: tl.constexpr, LAYER_NORM: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -239,16 +407,67 @@ def _lstm_bwd_kernel(
         dgx_t = dgx_ptr + t64 * (4 * BH)
         c_seq_t = c_seq_ptr + t64 * BH
         c_seq_prev = c_seq_ptr + t_prev.to(tl.int64) * BH
+        gy_t = gy_ptr
+        if HAS_GY:
+            gy_t = gy_ptr + t64 * BH
+        keep_t = keep_ptr
+        if ZONEOUT == 1:
+            keep_t = keep_ptr + t64 * BH
+        # (Stand-ins where a flag is off: read only under their flags.)
+        active = row_ok[:, None]
+        cut = row_ok[:, None]
         if HAS_LENGTHS:
             active = (t < lens)[:, None]
         if HAS_CUTS:
             # Nothing flows across a cut: the state entering step t was zero, not c_{t-1}/h_{t-1}.
             cut = (tl.load(cut_ptr + t64 * B + rows, mask=row_ok, other=0) != 0)[:, None]
+        # The product of phase 2 reads the gradient of h_in @ W_hh^T: the gate gradients, or
+        # under LN_hh their image through its backward (drec).
+        da_src = dgx_t
+        if LAYER_NORM:
+            rec_t = rec_ptr + t64 * (4 * BH)
+            drec_t = drec_ptr + t64 * (4 * BH)
+            dcn_t = dcn_ptr + t64 * BH
+            da_src = drec_t
+            stats_t = stats_ptr + (t64 * B + rows) * 4
+            mean = tl.load(stats_t, mask=row_ok, other=0.0)
+            rstd = tl.load(stats_t + 1, mask=row_ok, other=0.0)
+            mean_c = tl.load(stats_t + 2, mask=row_ok, other=0.0)
+            rstd_c = tl.load(stats_t + 3, mask=row_ok, other=0.0)
+            # Phase 0: LN_c's backward needs two row sums over all H columns of u = gain_c *
+            # dL/dLN_c(c): sum(u) and sum(u * c_hat). dL/dLN_c(c) also goes out (dcn), for
+            # the gain's and bias' gradients.
+            u_sums = tl.zeros((BLOCK_B,), tl.float32)
+            u_dots = tl.zeros((BLOCK_B,), tl.float32)
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < H
+                mask = row_ok[:, None] & col_ok[None, :]
+                st = rows2 * H + cols[None, :]
+                o = tl.load(act_t + rows2 * (4 * H) + 3 * H + cols[None, :], mask=mask,
+                            other=0.0)
+                c = tl.load(c_seq_t + st, mask=mask, other=0.0)
+                dh, dh_direct, dh_next = _grad_into_step(dh_ptr, gy_ptr, keep_t, gy_t, st, mask,
+                                                         active, zoneout_p, HAS_GY, HAS_LENGTHS,
+                                                         ZONEOUT)
+                c_hat = (c - mean_c[:, None]) * rstd_c[:, None]
+                tc = tanh(_layer_norm_cols(c, ln_c_w_ptr, ln_c_b_ptr, cols, col_ok, mean_c,
+                                           rstd_c))
+                d_cn = dh * o * (1.0 - tc * tc)  # o is 0 at inactive positions
+                tl.store(dcn_t + st, d_cn, mask=mask)
+                u = d_cn * tl.load(ln_c_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+                u_sums += tl.sum(u, axis=1)
+                u_dots += tl.sum(u * c_hat, axis=1)
+            u_mean = u_sums / H
+            u_dot_mean = u_dots / H
+            g_sums = tl.zeros((BLOCK_B,), tl.float32)
+            g_dots = tl.zeros((BLOCK_B,), tl.float32)
 
         # Phase 1: gate gradients of this step, elementwise per chunk.
         for j in range(0, H, BLOCK_H):
             cols = j + tl.arange(0, BLOCK_H)
-            mask = row_ok[:, None] & (cols < H)[None, :]
+            col_ok = cols < H
+            mask = row_ok[:, None] & col_ok[None, :]
             st = rows2 * H + cols[None, :]
             g_off = rows2 * (4 * H) + cols[None, :]
             i = tl.load(act_t + g_off, mask=mask, other=0.0)
@@ -264,28 +483,25 @@ def _lstm_bwd_kernel(
                                   other=0.0).to(tl.float32)
             if HAS_CUTS:
                 c_prev = tl.where(cut, 0.0, c_prev)
-            dh_next = tl.load(dh_ptr + st, mask=mask, other=0.0)
-            dh = dh_next
-            if HAS_GY:
-                # Added for inactive rows too: their gate gradients are zeroed below and what
-                # dh_ptr passes on there is dh_next.
-                dh += tl.load(gy_ptr + t64 * BH + st, mask=mask, other=0.0).to(tl.float32)
+            dh, dh_direct, dh_next = _grad_into_step(dh_ptr, gy_ptr, keep_t, gy_t, st, mask,
+                                                     active, zoneout_p, HAS_GY, HAS_LENGTHS,
+                                                     ZONEOUT)
             if ZONEOUT != 0:
-                # Zoneout splits dL/dh_t: the kept share goes straight to h_{t-1}, the rest to
-                # the gates. The direct share waits in dh_ptr (phase 2 adds it to the product).
-                if ZONEOUT == 1:
-                    keep = tl.load(keep_ptr + t64 * BH + st, mask=mask, other=0) != 0
-                    dh_direct = tl.where(keep, dh, 0.0)
-                    dh = tl.where(keep, 0.0, dh)
-                else:
-                    dh_direct = zoneout_p * dh
-                    dh = (1.0 - zoneout_p) * dh
-                if HAS_LENGTHS:
-                    dh_direct = tl.where(active, dh_direct, dh_next)
+                # The direct share waits in dh_ptr (phase 2 adds it to the product).
                 tl.store(dh_ptr + st, dh_direct, mask=mask)
             dc_next = tl.load(dc_ptr + st, mask=mask, other=0.0)
-            tc = tanh(c)
-            dc = dc_next + dh * o * (1.0 - tc * tc)
+            if LAYER_NORM:
+                c_hat = (c - mean_c[:, None]) * rstd_c[:, None]
+                tc = tanh(_layer_norm_cols(c, ln_c_w_ptr, ln_c_b_ptr, cols, col_ok, mean_c,
+                                           rstd_c))
+                u = dh * o * (1.0 - tc * tc) * tl.load(ln_c_w_ptr + cols, mask=col_ok,
+                                                       other=0.0).to(tl.float32)
+                # LayerNorm's backward: rstd * (u - mean(u) - c_hat * mean(u * c_hat))
+                dc = dc_next + rstd_c[:, None] * (u - u_mean[:, None]
+                                                  - c_hat * u_dot_mean[:, None])
+            else:
+                tc = tanh(c)
+                dc = dc_next + dh * o * (1.0 - tc * tc)
             da_i = dc * g * i * (1.0 - i)
             da_f = dc * c_prev * f * (1.0 - f)
             da_g = dc * i * (1.0 - g * g)
@@ -304,10 +520,37 @@ def _lstm_bwd_kernel(
             tl.store(dgx_t + g_off + 2 * H, da_g, mask=mask)
             tl.store(dgx_t + g_off + 3 * H, da_o, mask=mask)
             tl.store(dc_ptr + st, dc, mask=mask)
+            if LAYER_NORM:
+                # LN_hh's backward needs, over all 4H, sum(v) and sum(v * rec_hat), v = gain * da.
+                g_sums, g_dots = _gain_sums(g_sums, g_dots, da_i, ln_ptr + cols, rec_t + g_off,
+                                            mask, col_ok, mean, rstd)
+                g_sums, g_dots = _gain_sums(g_sums, g_dots, da_f, ln_ptr + H + cols,
+                                            rec_t + g_off + H, mask, col_ok, mean, rstd)
+                g_sums, g_dots = _gain_sums(g_sums, g_dots, da_g, ln_ptr + 2 * H + cols,
+                                            rec_t + g_off + 2 * H, mask, col_ok, mean, rstd)
+                g_sums, g_dots = _gain_sums(g_sums, g_dots, da_o, ln_ptr + 3 * H + cols,
+                                            rec_t + g_off + 3 * H, mask, col_ok, mean, rstd)
         tl.debug_barrier()
 
-        # Phase 2: dL/dh_{t-1} = da @ weight_hh, reading all 4H gate gradients of the own rows
-        # that phase 1 just wrote (fp32 in dgx, cast to the weights' dtype for the product).
+        if LAYER_NORM:
+            # Phase 1b: drec = rstd * (v - mean(v) - rec_hat * mean(v * rec_hat)).
+            v_mean = g_sums / (4 * H)
+            v_dot_mean = g_dots / (4 * H)
+            for j in range(0, 4 * H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                col_ok = cols < 4 * H
+                mask = row_ok[:, None] & col_ok[None, :]
+                g_off = rows2 * (4 * H) + cols[None, :]
+                v = tl.load(dgx_t + g_off, mask=mask, other=0.0) * tl.load(
+                    ln_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                rec_hat = (tl.load(rec_t + g_off, mask=mask, other=0.0)
+                           - mean[:, None]) * rstd[:, None]
+                drec = rstd[:, None] * (v - v_mean[:, None] - rec_hat * v_dot_mean[:, None])
+                tl.store(drec_t + g_off, drec, mask=mask)
+            tl.debug_barrier()
+
+        # Phase 2: dL/dh_{t-1} = da @ weight_hh, reading all 4H gradients of the own rows that
+        # phase 1 just wrote (fp32, cast to the weights' dtype for the product).
         for j in range(0, H, BLOCK_H):
             cols = j + tl.arange(0, BLOCK_H)
             col_ok = cols < H
@@ -315,7 +558,7 @@ def _lstm_bwd_kernel(
             st = rows2 * H + cols[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
             for q in tl.static_range(4):
-                da_ptrs = dgx_t + rows2 * (4 * H) + q * H + ks[None, :]
+                da_ptrs = da_src + rows2 * (4 * H) + q * H + ks[None, :]
                 w_ptrs = w_ptr + (q * H + ks.to(tl.int64)[:, None]) * H + cols[None, :]
                 for k0 in range(0, H, BLOCK_K):
                     k_ok = (k0 + ks) < H
@@ -394,8 +637,19 @@ class _Variants:
                     ZONEOUT=self.mode)
 
 
+def _layer_norm_weights(layer_norm, H, dtype, device):
+    """The three LayerNorm vectors, checked and dense, or () without layer_norm."""
+    if layer_norm is None:
+        return ()
+    names = ("ln_hh_weight", "ln_c_weight", "ln_c_bias")
+    for name, tensor, size in zip(names, layer_norm, (4 * H, H, H)):
+        _check(name, tensor, (size,), dtype, device)
+    return tuple(contiguous(tensor) for tensor in layer_norm)
+
+
 def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool,
-                 cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None):
+                 cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None,
+                 layer_norm=None):
     """Run the LSTM recurrence over all T steps in one launch.
 
     gates_x: (T, B, 4H) contiguous, fp32/fp16/bf16, = x @ W_ih^T + b_ih + b_hh for every step.
@@ -404,14 +658,18 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
     order; row b is active at time t iff t < lengths[b]. reverse: run t = T-1 down to 0.
     Cell variants (the module docstring): cuts (T, B) bool, recurrent_mask (B, H) in
     gates_x.dtype, zoneout p in [0, 1] with zoneout_keep (T, B, H) bool (training form) or None
-    (eval form); the defaults are the plain LSTM.
+    (eval form); layer_norm = (ln_hh_weight (4H,), ln_c_weight (H,), ln_c_bias (H,)) in
+    gates_x.dtype, or None; then gates_x = LN_ih(x W_ih^T) + b_ih + b_hh. The defaults are the
+    plain LSTM.
 
     Returns (y, h_n, c_n, saved): y (T, B, H) is 0 at inactive positions; h_n, c_n (B, H) are each
     row's state after its last active step; all three in gates_x.dtype. ``saved`` is None unless
     ``training``; then it is (gates, c_seq), both fp32: gates (T, B, 4H) holds the activations
     i, f, g, o (0 at inactive positions) and c_seq (T, B, H) the cell state after every time step
     (the kept state at inactive positions). fp32 so that low-precision models get gate gradients
-    from the same fp32 values the forward computed.
+    from the same fp32 values the forward computed. With layer_norm, ``saved`` also holds rec
+    (T, B, 4H), the raw recurrent product before LN_hh, and stats (T, B, 4): each row's mean
+    and 1/std under LN_hh and under LN_c (c_seq is LN_c's input).
     """
     T, B, G = gates_x.shape
     H = G // 4
@@ -420,31 +678,42 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
         raise ValueError(f"gates_x must be a (T, B, 4H) tensor, got {tuple(gates_x.shape)}")
     _check_common(B, H, dtype, device, h0, c0, weight_hh, lengths)
     variants = _Variants(T, B, H, dtype, device, cuts, recurrent_mask, zoneout, zoneout_keep)
+    norms = _layer_norm_weights(layer_norm, H, dtype, device)
     gates_x, h0, c0, weight_hh = (contiguous(t) for t in (gates_x, h0, c0, weight_hh))
 
     y = torch.empty((T, B, H), device=device, dtype=dtype)
     h_n = torch.empty((B, H), device=device, dtype=dtype)
     c_n = torch.empty((B, H), device=device, dtype=dtype)
+    fp32 = {"device": device, "dtype": torch.float32}
     saved = None
     if training:
-        saved = (
-            torch.empty((T, B, 4 * H), device=device, dtype=torch.float32),
-            torch.empty((T, B, H), device=device, dtype=torch.float32),
-        )
+        saved = (torch.empty((T, B, 4 * H), **fp32), torch.empty((T, B, H), **fp32))
+        if norms:
+            saved += (torch.empty((T, B, 4 * H), **fp32), torch.empty((T, B, 4), **fp32))
     if B == 0:
         return y, h_n, c_n, saved
 
     blocks = lstm_blocks(B, H, dtype)
-    h_buf = torch.empty((2, B, H), device=device, dtype=torch.float32)
-    c_buf = torch.empty((B, H), device=device, dtype=torch.float32)
-    act, c_seq = saved if training else (None, None)
+    h_buf = torch.empty((2, B, H), **fp32)
+    c_buf = torch.empty((B, H), **fp32)
+    act, c_seq = saved[:2] if training else (None, None)
+    rec = stats = o_buf = None
+    rec_step = 0  # elements between the steps' rec: 0 reuses one (B, 4H) scratch in inference
+    if norms:
+        o_buf = torch.empty((B, H), **fp32)
+        if training:
+            rec, stats = saved[2:]
+            rec_step = 4 * B * H
+        else:
+            rec = torch.empty((B, 4 * H), **fp32)
     _launch.launch(
         _lstm_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
         gates_x, weight_hh, h0, c0, contiguous(lengths), *variants.pointers(),
-        y, h_n, c_n, act, c_seq, h_buf, c_buf,
-        T, B, H, B * H, variants.zoneout,
+        *(norms or (None, None, None)),
+        y, h_n, c_n, act, c_seq, rec, stats, h_buf, c_buf, o_buf,
+        T, B, H, B * H, variants.zoneout, rec_step,
         HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None,
-        **variants.flags(),
+        **variants.flags(), LAYER_NORM=bool(norms),
         REVERSE=bool(reverse), TRAINING=bool(training),
         DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
@@ -454,24 +723,32 @@ def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: b
 
 
 def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengths, reverse: bool,
-                  cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None):
+                  cuts=None, recurrent_mask=None, zoneout=0.0, zoneout_keep=None,
+                  layer_norm=None):
     """Reverse recurrence of ``lstm_forward`` in one launch, producing the gate gradients.
 
     grad_y (T, B, H), grad_h_n, grad_c_n (B, H): any dtype and strides, any may be None (zeros).
     saved, h0, c0, weight_hh, lengths, reverse and the variants (cuts, recurrent_mask, zoneout,
-    zoneout_keep): as given to / returned by ``lstm_forward``.
+    zoneout_keep, layer_norm): as given to / returned by ``lstm_forward``.
     y and h0 are not read: the gate gradients need only the saved activations and cell states
-    (the caller uses y and h0 for grad(weight_hh) = grad_gates_x^T @ (h_prev * m), h_prev cut).
+    (the caller uses y and h0 for grad(weight_hh) = grad_rec^T @ (h_prev * m), h_prev cut).
 
     Returns fp32 (grad_gates_x (T, B, 4H), grad_h0 (B, H), grad_c0 (B, H)); grad_gates_x is the
-    gradient w.r.t. the gate pre-activations and exactly 0 at inactive positions.
+    gradient w.r.t. the gate pre-activations and exactly 0 at inactive positions. With
+    layer_norm also (grad_rec (T, B, 4H), the gradient of the raw product h_in @ W_hh^T, and
+    grad_cn (T, B, H), that of LN_c's output): the caller's for the weight and gain gradients.
+    Without it, grad_rec is grad_gates_x.
     """
-    act, c_seq = saved
+    act, c_seq, *ln_saved = saved
     T, B, G = act.shape
     H = G // 4
     device, dtype = act.device, weight_hh.dtype
     _check_common(B, H, dtype, device, None, c0, weight_hh, lengths)
     variants = _Variants(T, B, H, dtype, device, cuts, recurrent_mask, zoneout, zoneout_keep)
+    norms = _layer_norm_weights(layer_norm, H, dtype, device)
+    if bool(norms) != bool(ln_saved):
+        raise ValueError("layer_norm must be given to the backward exactly when the forward "
+                         "had it (saved holds rec and stats then)")
     # Autograd may hand over strided or expanded gradients (e.g. from y.sum()); the kernel
     # indexes them as dense tensors.
     grads = []
@@ -483,24 +760,29 @@ def lstm_backward(grad_y, grad_h_n, grad_c_n, saved, y, h0, c0, weight_hh, lengt
     grad_y, grad_h_n, grad_c_n = grads
     c0, weight_hh = contiguous(c0), contiguous(weight_hh)
 
-    grad_gates_x = torch.empty((T, B, 4 * H), device=device, dtype=torch.float32)
-    grad_h0 = torch.empty((B, H), device=device, dtype=torch.float32)
-    grad_c0 = torch.empty((B, H), device=device, dtype=torch.float32)
+    fp32 = {"device": device, "dtype": torch.float32}
+    grad_gates_x = torch.empty((T, B, 4 * H), **fp32)
+    grad_h0 = torch.empty((B, H), **fp32)
+    grad_c0 = torch.empty((B, H), **fp32)
+    rec, stats = ln_saved if norms else (None, None)
+    grad_rec = torch.empty((T, B, 4 * H), **fp32) if norms else None
+    grad_cn = torch.empty((T, B, H), **fp32) if norms else None
+    results = (grad_gates_x, grad_h0, grad_c0) + ((grad_rec, grad_cn) if norms else ())
     if B == 0:
-        return grad_gates_x, grad_h0, grad_c0
+        return results
 
     blocks = lstm_blocks(B, H, dtype)
     _launch.launch(
         _lstm_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
         grad_y, grad_h_n, grad_c_n, act, c_seq, c0, weight_hh, contiguous(lengths),
-        *variants.pointers(),
-        grad_gates_x, grad_h0, grad_c0,
+        *variants.pointers(), *(norms or (None, None, None)), rec, stats,
+        grad_gates_x, grad_h0, grad_c0, grad_rec, grad_cn,
         T, B, H, B * H, variants.zoneout,
         HAS_GY=grad_y is not None, HAS_GHN=grad_h_n is not None, HAS_GCN=grad_c_n is not None,
         HAS_C0=c0 is not None, HAS_LENGTHS=lengths is not None, **variants.flags(),
-        REVERSE=bool(reverse),
+        LAYER_NORM=bool(norms), REVERSE=bool(reverse),
         DOT_PRECISION=dot_precision(dtype, device),
         BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
-    return grad_gates_x, grad_h0, grad_c0
+    return results

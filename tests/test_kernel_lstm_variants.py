@@ -26,11 +26,20 @@ pytestmark = pytest.mark.interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def naive_lstm(gx, h0, c0, w, per_row, reverse, cuts=None, mask=None, zoneout=0.0, keep=None):
+def naive_layer_norm(v, gain, bias=None):
+    """(v - mean) / sqrt(biased var + 1e-5) * gain (+ bias) over the last axis."""
+    centred = v - v.mean(-1, keepdim=True)
+    out = centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + 1e-5) * gain
+    return out if bias is None else out + bias
+
+
+def naive_lstm(gx, h0, c0, w, per_row, reverse, cuts=None, mask=None, zoneout=0.0, keep=None,
+               ln=None):
     """One LSTM layer-direction with the variants, step by step (fp64 in the tests).
 
     cuts (T, B) bool: the state entering step t is zero (h and c); mask (B, H): the gates read
-    (h * mask) W^T; zoneout p with keep (T, B, H) bool (training) or None (eval: p-weighted).
+    (h * mask) W^T; zoneout p with keep (T, B, H) bool (training) or None (eval: p-weighted);
+    ln = (gain_hh, gain_c, bias_c): the gates use LN(h W^T) and h~ = o tanh(LN_c(c)).
     Inactive rows (t >= per_row[b]) keep their state and output 0."""
     T, B, G = gx.shape
     H = G // 4
@@ -41,11 +50,12 @@ def naive_lstm(gx, h0, c0, w, per_row, reverse, cuts=None, mask=None, zoneout=0.
             h = torch.where(cuts[t][:, None], 0.0, h)
             c = torch.where(cuts[t][:, None], 0.0, c)
         seen = h if mask is None else h * mask
-        a = gx[t] + seen @ w.T
+        product = seen @ w.T
+        a = gx[t] + (product if ln is None else naive_layer_norm(product, ln[0]))
         i, f, g, o = torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H:2 * H]), \
             torch.tanh(a[:, 2 * H:3 * H]), torch.sigmoid(a[:, 3 * H:])
         c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
+        h_new = o * torch.tanh(c_new if ln is None else naive_layer_norm(c_new, ln[1], ln[2]))
         if zoneout > 0:
             h_new = torch.where(keep[t], h, h_new) if keep is not None else \
                 zoneout * h + (1 - zoneout) * h_new
@@ -61,7 +71,8 @@ class Case:
     """Random inputs and variant masks of one test case, in the run dtype."""
 
     def __init__(self, T=5, B=4, H=20, dtype=torch.float32, cuts=False, mask=False, zoneout=0.0,
-                 train_zoneout=True, lengths=None, reverse=False, state=True, seed=0):
+                 train_zoneout=True, lengths=None, reverse=False, state=True, layer_norm=False,
+                 seed=0):
         gen = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
@@ -84,44 +95,51 @@ class Case:
         self.zoneout = zoneout
         self.keep = (torch.rand(T, B, H, generator=gen) < zoneout).to(DEVICE) \
             if zoneout > 0 and train_zoneout else None
+        # Gains around 1 and a bias around 0, different per unit: a transposed index shows.
+        self.ln = [1 + rnd(4 * H, scale=0.3), 1 + rnd(H, scale=0.3), rnd(H, scale=0.1)] \
+            if layer_norm else []
         self.grad_weights = [torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
                              for shape in ((T, B, H), (B, H), (B, H))]
 
-    def variants(self):
-        return StepVariants(recurrent_mask=self.mask, zoneout=self.zoneout,
-                            zoneout_keep=self.keep, cuts=self.cuts)
+    def variants(self, ln=None):
+        ln = ln if ln is not None else self.ln
+        return StepVariants(*(ln or (None, None, None)), recurrent_mask=self.mask,
+                            zoneout=self.zoneout, zoneout_keep=self.keep, cuts=self.cuts)
 
     def inputs(self):
-        return [t.clone().requires_grad_() for t in (self.gx, self.h0, self.c0, self.w)]
+        return [t.clone().requires_grad_() for t in (self.gx, self.h0, self.c0, self.w,
+                                                     *self.ln)]
 
     def loss(self, outputs):
         # Every output element weighted differently, the weights in the outputs' dtype.
         return sum((o * g.to(o.dtype)).sum() for o, g in zip(outputs, self.grad_weights))
 
     def kernel(self):
-        gx, h0, c0, w = inputs = self.inputs()
+        inputs = self.inputs()
+        gx, h0, c0, w = inputs[:4]
         lengths = None if self.per_row is None else Lengths.from_per_row(self.per_row, self.T)
         outputs = triton_glue.lstm_recurrence(gx, h0, c0, w, None, lengths, self.reverse,
-                                              "tiled", self.variants())
+                                              "tiled", self.variants(inputs[4:]))
         grads = torch.autograd.grad(self.loss(outputs), inputs)
         return outputs, grads
 
     def oracle(self, fn=None):
         inputs = [t.detach().cpu().double().requires_grad_() for t in self.inputs()]
-        gx, h0, c0, w = inputs
+        gx, h0, c0, w = inputs[:4]
         cpu = [None if t is None else t.cpu() for t in (self.per_row, self.cuts, self.keep)]
         per_row, cuts, keep = cpu
         mask = None if self.mask is None else self.mask.cpu().double()
         if fn is None:
             outputs = naive_lstm(gx, h0, c0, w, per_row, self.reverse, cuts, mask, self.zoneout,
-                                 keep)
+                                 keep, inputs[4:] or None)
         else:
             outputs = fn(gx, h0, c0, w, per_row, cuts, mask, keep)
         grads = torch.autograd.grad(self.loss(outputs), inputs)
         return outputs, grads
 
 
-NAMES = ("y", "h_n", "c_n", "grad gates_x", "grad h0", "grad c0", "grad weight_hh")
+NAMES = ("y", "h_n", "c_n", "grad gates_x", "grad h0", "grad c0", "grad weight_hh",
+         "grad ln_hh_weight", "grad ln_c_weight", "grad ln_c_bias")
 
 
 def assert_matches(case, tol):
@@ -152,6 +170,13 @@ CASES = [
                  id="all-eval-lengths-reverse"),
     pytest.param(dict(ALL, state=False), id="all-zero-state"),
     pytest.param(dict(ALL, T=3, B=2, H=40), id="all-two-column-chunks"),
+    pytest.param(dict(layer_norm=True), id="layer_norm"),
+    pytest.param(dict(ALL, layer_norm=True), id="layer_norm-all"),
+    pytest.param(dict(ALL, B=5, lengths=LENGTHS, reverse=True, layer_norm=True),
+                 id="layer_norm-all-lengths-reverse"),
+    pytest.param(dict(ALL, train_zoneout=False, state=False, layer_norm=True),
+                 id="layer_norm-all-eval-zero-state"),
+    pytest.param(dict(ALL, T=3, B=2, H=40, layer_norm=True), id="layer_norm-two-column-chunks"),
 ]
 
 # fp32: the kernels compute in fp32 with IEEE products in the interpreter, so only fp32 rounding
@@ -159,9 +184,14 @@ CASES = [
 FP32 = 1e-5
 
 
+# LN_hh of a zero state (a zero initial state, or a reset) has zero variance: it divides by
+# sqrt(1e-5), so its backward scales fp32 rounding by up to 1/sqrt(1e-5) ~ 316 (seen: 4e-5).
+FP32_LAYER_NORM = 1e-4
+
+
 @pytest.mark.parametrize("kw", CASES)
 def test_fp32_matches_naive_fp64(kw):
-    assert_matches(Case(**kw), FP32)
+    assert_matches(Case(**kw), FP32_LAYER_NORM if kw.get("layer_norm") else FP32)
 
 
 # fp16: the kernels round h (times the mask) to fp16 before each recurrent product and the gate
@@ -319,24 +349,22 @@ def test_launchers_check_the_variants():
                         recurrent_mask=case.mask[:2])
 
 
-def test_recurrence_refuses_layer_norm_and_the_split_family():
-    case = Case(**ALL)
-    gx, h0, c0, w = case.inputs()
-    ln = StepVariants(ln_hh_weight=torch.ones(4 * case.H), ln_c_weight=torch.ones(case.H),
-                      ln_c_bias=torch.zeros(case.H))
-    with pytest.raises(ValueError, match="layer_norm"):
-        triton_glue.lstm_recurrence(gx, h0, c0, w, None, None, False, "tiled", ln)
-    with pytest.raises(ValueError, match="'split'.*reset"):
+def test_recurrence_refuses_variants_on_the_split_family():
+    case = Case(**ALL, layer_norm=True)
+    gx, h0, c0, w = case.inputs()[:4]
+    with pytest.raises(ValueError, match="'split'.*layer_norm"):
         triton_glue.lstm_recurrence(gx, h0, c0, w, None, None, False, "split", case.variants())
 
 
 def test_opcheck_with_variants():
     """torch.library's checks of the forward op's schema, fake impl and autograd, variants on."""
-    case = Case(T=3, B=2, H=16, **ALL)
-    gx, h0, c0, w = case.inputs()
-    torch.library.opcheck(torch.ops.lstmgru.lstm_forward.default,
-                          (gx, h0, c0, w, case.cuts, case.mask, case.keep,
-                           torch.tensor([3, 2], device=DEVICE), True, "tiled", 0.3, True))
+    for layer_norm in (False, True):
+        case = Case(T=3, B=2, H=16, **ALL, layer_norm=layer_norm)
+        gx, h0, c0, w, *ln = case.inputs()
+        torch.library.opcheck(torch.ops.lstmgru.lstm_forward.default,
+                              (gx, h0, c0, w, *(ln or (None, None, None)), case.cuts, case.mask,
+                               case.keep, torch.tensor([3, 2], device=DEVICE), True, "tiled",
+                               0.3, True))
 
 
 @pytest.mark.parametrize("kw", [pytest.param(dict(mask=True), id="rows-merged"),
@@ -379,12 +407,18 @@ def _module_run(module, backend, x, reset, seed):
     return [data.detach(), h_n.detach(), c_n.detach(), *grads], launches
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_module_triton_tiled_matches_reference(training, packed):
+def test_module_triton_tiled_matches_reference(training, packed, layer_norm):
     torch.manual_seed(5)
     m = lstmgru.LSTM(3, 12, num_layers=2, bidirectional=True, zoneout=0.3,
-                     recurrent_dropout=0.25, weight_drop=0.2)
+                     recurrent_dropout=0.25, weight_drop=0.2, layer_norm=layer_norm)
+    if layer_norm:  # gains and biases away from their initial 1 and 0
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.2 * torch.randn_like(p))
     m.train(training)
     T, B = 5, 4
     x = torch.randn(T, B, 3)

@@ -172,7 +172,7 @@ def test_opcheck():
     lengths = torch.tensor([3, 2], device=DEVICE)
     torch.library.opcheck(torch.ops.lstmgru.lstm_forward.default,
                           (rnd(T, B, 4 * H), rnd(B, H), rnd(B, H), rnd(4 * H, H), None, None, None,
-                           lengths, True, "tiled", 0.0, True))
+                           None, None, None, lengths, True, "tiled", 0.0, True))
     torch.library.opcheck(torch.ops.lstmgru.gru_forward.default,
                           (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(H), None, False, True, "tiled",
                            True))

@@ -63,4 +63,4 @@ def _family_recurrence(family):
 _registration.register(
     (("LSTM", native.module_forward), ("LSTMCell", native.cell_forward)), native,
     reference.lstm_recurrence, _family_recurrence, "lstm", _own_kernel_reason,
-    kernel_variants=("zoneout", "recurrent_dropout", "weight_drop", "reset"))
+    kernel_variants=("layer_norm", "zoneout", "recurrent_dropout", "weight_drop", "reset"))
