@@ -268,6 +268,33 @@ def test_cuts_everywhere_equal_independent_steps(reverse, reset_after):
     assert torch.equal(h_n, y[0] if reverse else y[-1])
 
 
+@pytest.mark.parametrize("reset_after", [True, False], ids=["ra", "rb"])
+def test_double_backward_through_the_variants(reset_after):
+    """A gradient penalty: under create_graph the backward recomputes through the spec with
+    the same variants, so second-order gradients match the naive loop's."""
+    case = make_case(4, 3, 12, reset_after, lengths=[4, 3, 2], seed=15, **VARIANTS["all"])
+    lengths = Lengths.from_per_row(case["lengths"], 4)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [None if case[k] is None else
+                  case[k].detach().to(dtype).clone().requires_grad_()
+                  for k in ("gx", "h0", "w", "b_hn")]
+        variants = step_variants(case)._replace(recurrent_mask=case["rmask"].to(dtype))
+        if dtype == torch.float32:
+            y, _ = triton_glue.gru_recurrence(*leaves, lengths, False, reset_after, "tiled",
+                                              variants)
+        else:
+            y, _ = naive_gru(*leaves, case["lengths"], False, reset_after, case["cuts"],
+                             variants.recurrent_mask, case["zone_p"], case["keep"])
+        (g,) = torch.autograd.grad((y * case["w_y"].to(dtype)).sum(), leaves[0],
+                                   create_graph=True)
+        (g * g).sum().backward()
+        results.append([v.grad for v in leaves if v is not None])
+    for a, b in zip(*results):
+        assert b.abs().max() > 0
+        assert_close("second-order grad", a, b, 1e-5)
+
+
 @pytest.fixture
 def launches():
     start = kernel_launch.launches
@@ -318,7 +345,8 @@ def module_run(m, x, reset, backend, seed):
     torch.manual_seed(seed)  # the module draws its masks from torch's RNG, alike per backend
     with lstmgru.use_backend(backend):
         y, h_n = m(xi, reset=reset)
-        ((y * y).sum() + (h_n * torch.arange(h_n.numel(), device=h_n.device).view_as(h_n)).sum()).backward()
+        weights = torch.arange(h_n.numel(), device=h_n.device).view_as(h_n)
+        ((y * y).sum() + (h_n * weights).sum()).backward()
     return [y, h_n, xi.grad] + [p.grad for p in m.parameters()]
 
 
