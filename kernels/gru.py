@@ -16,6 +16,10 @@ entering step t of row b is zero), recurrent dropout (``recurrent_mask`` (B, H):
 recurrent product reads h * m, while z * h and the carried state keep h) and zoneout
 (``zoneout_keep`` (T, B, H): h_t = h_{t-1} where kept, else h'; or, in eval form,
 h_t = p h_{t-1} + (1 - p) h'). The masks are drawn by the caller and read by both launches.
+With reset_after=True also layer_norm's LN_hh (``ln_hh_weight`` (3H,), no bias): each row's
+whole 3H product is normalised before b_hn joins the n block; the product first goes to a
+scratch row (the statistics span all column chunks), and the backward adds one phase per
+step for LN's own row reductions.
 
 Conventions (absent arguments, contiguity, 64-bit offsets, dot precision, block shapes) are
 ``_common.py``'s.
@@ -36,6 +40,8 @@ import triton.language as tl
 from . import _launch
 from ._common import Blocks, contiguous, dot_precision
 from ._math import sigmoid, tanh
+
+LN_EPS = tl.constexpr(1e-5)  # F.layer_norm's default, as lstmgru.cells.variants.EPS
 
 
 @triton.jit
@@ -114,12 +120,14 @@ def _zone(h_prev, h_new, zk_ptr, offs, mask, zo_p, ZONEOUT: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _gru_fwd_kernel(
     gx_ptr, h0_ptr, w_ptr, bhn_ptr, len_ptr,          # inputs
-    cuts_ptr, rmask_ptr, zk_ptr, zo_p,                # variants (each only with its flag)
+    cuts_ptr, rmask_ptr, zk_ptr, zo_p, lng_ptr,       # variants (each only with its flag)
     y_ptr, hn_ptr, gates_ptr, ghn_ptr,                # outputs (gates, ghn only when TRAINING)
-    hbuf_ptr, rh_ptr, z_ptr,                          # fp32 scratch
+    xhat_ptr, rstd_ptr,                               # outputs (HAS_LN and TRAINING)
+    hbuf_ptr, rh_ptr, z_ptr, rec_ptr,                 # fp32 scratch
     T, B, H,
     HAS_H0: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr, ZONEOUT: tl.constexpr,
+    HAS_LN: tl.constexpr,
     REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -156,18 +164,64 @@ def _gru_fwd_kernel(
             live = row_mask
 
         if RESET_AFTER:
+            if HAS_LN:
+                # LN_hh normalises each row's whole 3H product, so the product goes to scratch
+                # first; its statistics take two passes (mean, then squared deviations).
+                rec_rows = rows.to(tl.int64) * (3 * H)
+                row_sum = tl.zeros((BLOCK_B,), tl.float32)
+                for j in range(0, H, BLOCK_H):
+                    cols = j + tl.arange(0, BLOCK_H)
+                    m = row_mask[:, None] & (cols < H)[None, :]
+                    rec = rec_ptr + rec_rows[:, None] + cols[None, :]
+                    for k in tl.static_range(3):
+                        zero = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                        part = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr + k * H * H, cols, H,
+                                       rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
+                        tl.store(rec + k * H, part, mask=m)
+                        row_sum += tl.sum(tl.where(m, part, 0.0), axis=1)
+                mean = row_sum / (3 * H)
+                tl.debug_barrier()
+                row_sq = tl.zeros((BLOCK_B,), tl.float32)
+                for j in range(0, H, BLOCK_H):
+                    cols = j + tl.arange(0, BLOCK_H)
+                    m = row_mask[:, None] & (cols < H)[None, :]
+                    for k in tl.static_range(3):
+                        part = tl.load(rec_ptr + rec_rows[:, None] + k * H + cols[None, :],
+                                       mask=m, other=0.0)
+                        dev = tl.where(m, part - mean[:, None], 0.0)
+                        row_sq += tl.sum(dev * dev, axis=1)
+                rstd = 1.0 / tl.sqrt(row_sq / (3 * H) + LN_EPS)
+                if TRAINING:
+                    tl.store(rstd_ptr + t.to(tl.int64) * B + rows, rstd, mask=row_mask)
             for j in range(0, H, BLOCK_H):
                 cols = j + tl.arange(0, BLOCK_H)
                 cmask = cols < H
                 m = row_mask[:, None] & cmask[None, :]
                 am = active[:, None] & cmask[None, :]
-                zero = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-                gh_r = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr, cols, H,
-                               rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
-                gh_z = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr + H * H, cols, H,
-                               rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
-                gh_n = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr + 2 * H * H, cols, H,
-                               rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
+                if HAS_LN:
+                    rec = rec_ptr + rec_rows[:, None] + cols[None, :]
+                    xh_r = (tl.load(rec, mask=m, other=0.0) - mean[:, None]) * rstd[:, None]
+                    xh_z = (tl.load(rec + H, mask=m, other=0.0) - mean[:, None]) * rstd[:, None]
+                    xh_n = (tl.load(rec + 2 * H, mask=m, other=0.0) - mean[:, None]) * \
+                        rstd[:, None]
+                    lng = lng_ptr + cols
+                    gh_r = xh_r * tl.load(lng, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    gh_z = xh_z * tl.load(lng + H, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    gh_n = xh_n * tl.load(lng + 2 * H, mask=cmask,
+                                          other=0.0).to(tl.float32)[None, :]
+                    if TRAINING:
+                        xs = xhat_ptr + x_rows[:, None] + cols[None, :]
+                        tl.store(xs, tl.where(am, xh_r, 0.0), mask=m)
+                        tl.store(xs + H, tl.where(am, xh_z, 0.0), mask=m)
+                        tl.store(xs + 2 * H, tl.where(am, xh_n, 0.0), mask=m)
+                else:
+                    zero = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                    gh_r = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr, cols, H,
+                                   rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
+                    gh_z = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr + H * H, cols, H,
+                                   rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
+                    gh_n = _dot_wt(zero, hbuf_ptr, h_rows, live, w_ptr + 2 * H * H, cols, H,
+                                   rmask_ptr, s_rows, HAS_RMASK, DOT_PRECISION, BLOCK_K)
                 if HAS_BHN:
                     gh_n += tl.load(bhn_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 gx = gx_ptr + x_rows[:, None] + cols[None, :]
@@ -288,13 +342,13 @@ def _kept_share(dh, zk_ptr, offs, mask, zo_p, ZONEOUT: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _gru_bwd_kernel(
     gy_ptr, ghn_out_ptr, gates_ptr, ghn_ptr, y_ptr, h0_ptr, w_ptr, len_ptr,   # inputs
-    cuts_ptr, rmask_ptr, zk_ptr, zo_p,                                       # variants
-    ggx_ptr, ggh_ptr, gh0_ptr,                                               # fp32 outputs
+    cuts_ptr, rmask_ptr, zk_ptr, zo_p, lng_ptr, xhat_ptr, rstd_ptr,          # variants
+    ggx_ptr, ggh_ptr, gh0_ptr, gln_ptr,                                      # fp32 outputs
     dh_ptr,                                                                  # fp32 scratch
     T, B, H,
     HAS_GY: tl.constexpr, HAS_GHN_OUT: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr,
-    ZONEOUT: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
+    ZONEOUT: tl.constexpr, HAS_LN: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -333,6 +387,11 @@ def _gru_bwd_kernel(
         # n gate: the r gradient needs (dn-gradient @ W_hn), a reduction over all columns).
         # With zoneout, dh splits into the share through h' (dh_new) and the kept one (dh_kept),
         # which goes straight to h_{t-1}.
+        if HAS_LN:
+            # LN_hh's backward needs two row sums over all 3H: of g * dLoss/dLN and of
+            # g * dLoss/dLN * xhat (dLN goes to gln, the product's gradient to ggh below).
+            ln_s1 = tl.zeros((BLOCK_B,), tl.float32)
+            ln_s2 = tl.zeros((BLOCK_B,), tl.float32)
         for j in range(0, H, BLOCK_H):
             cols = j + tl.arange(0, BLOCK_H)
             cmask = cols < H
@@ -367,6 +426,22 @@ def _gru_bwd_kernel(
                 da_z = tl.where(am, dh_new * (h_prev - n) * z * (1.0 - z), 0.0)
                 tl.store(gx_out, da_r, mask=m)
                 tl.store(gx_out + H, da_z, mask=m)
+                if HAS_LN:
+                    gh_out = gln_ptr + x_rows[:, None] + cols[None, :]
+                    xs = xhat_ptr + x_rows[:, None] + cols[None, :]
+                    lng = lng_ptr + cols
+                    for k in tl.static_range(3):
+                        if k == 0:
+                            d_ln = da_r
+                        elif k == 1:
+                            d_ln = da_z
+                        else:
+                            d_ln = da_n * r
+                        d_xh = d_ln * tl.load(lng + k * H, mask=cmask,
+                                              other=0.0).to(tl.float32)[None, :]
+                        xh = tl.load(xs + k * H, mask=am, other=0.0)
+                        ln_s1 += tl.sum(tl.where(am, d_xh, 0.0), axis=1)
+                        ln_s2 += tl.sum(tl.where(am, d_xh * xh, 0.0), axis=1)
                 tl.store(gh_out, da_r, mask=m)
                 tl.store(gh_out + H, da_z, mask=m)
                 tl.store(gh_out + 2 * H, da_n * r, mask=m)
@@ -378,6 +453,25 @@ def _gru_bwd_kernel(
             else:
                 tl.store(gh_out + 2 * H, da_n, mask=m)
         tl.debug_barrier()
+
+        if HAS_LN:
+            # The product's gradient: rstd * (g dLN - mean(g dLN) - xhat mean(g dLN xhat)).
+            ln_rstd = tl.load(rstd_ptr + t.to(tl.int64) * B + rows, mask=row_mask, other=0.0)
+            ln_m1 = ln_s1 / (3 * H)
+            ln_m2 = ln_s2 / (3 * H)
+            for j in range(0, H, BLOCK_H):
+                cols = j + tl.arange(0, BLOCK_H)
+                cmask = cols < H
+                m = row_mask[:, None] & cmask[None, :]
+                am = active[:, None] & cmask[None, :]
+                for k in tl.static_range(3):
+                    offs = x_rows[:, None] + k * H + cols[None, :]
+                    d_xh = tl.load(gln_ptr + offs, mask=m, other=0.0) * tl.load(
+                        lng_ptr + k * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    xh = tl.load(xhat_ptr + offs, mask=m, other=0.0)
+                    d_rec = ln_rstd[:, None] * (d_xh - ln_m1[:, None] - xh * ln_m2[:, None])
+                    tl.store(ggh_ptr + offs, tl.where(am, d_rec, 0.0), mask=m)
+            tl.debug_barrier()
 
         if not RESET_AFTER:
             # Phase 2: d(r*h) = da_n @ W_hn feeds the r gradient and the direct path to h_{t-1}.
@@ -505,9 +599,19 @@ def _variant_args(T, B, H, dtype, cuts, recurrent_mask, zoneout, zoneout_keep):
     return cuts, recurrent_mask, contiguous(zoneout_keep).view(torch.uint8), zoneout, 1
 
 
+def _check_ln(ln_hh_weight, H, reset_after):
+    if ln_hh_weight is None:
+        return
+    if not reset_after:
+        raise ValueError("ln_hh_weight (layer_norm) is defined for reset_after=True only")
+    if tuple(ln_hh_weight.shape) != (3 * H,):
+        raise ValueError(f"ln_hh_weight should have shape {(3 * H,)}, got "
+                         f"{tuple(ln_hh_weight.shape)}")
+
+
 def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_after: bool,
                 training: bool, cuts=None, recurrent_mask=None, zoneout: float = 0.0,
-                zoneout_keep=None):
+                zoneout_keep=None, ln_hh_weight=None):
     """Run the GRU recurrence over all T steps in one launch.
 
     gates_x (T, B, 3H) contiguous fp32/fp16/bf16: x @ W_ih^T + every bias that folds.
@@ -518,11 +622,15 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     order and clear at inactive positions (``variants.entering_cuts``); recurrent_mask (B, H)
     in gates_x.dtype; zoneout p with zoneout_keep (T, B, H) bool (training), or without it
     (eval form). y is the zoned state, which is also what the next step receives.
+    ln_hh_weight (3H,) (reset_after=True only): LN_hh, without bias, over each row's 3H
+    recurrent product before b_hn joins the n block.
     Returns y (T, B, H), h_n (B, H) in gates_x.dtype, and saved: None unless training, else
     (gates (T, B, 3H) = [r, z, n], zero where inactive,) plus, for reset_after=True,
     gh_n (T, B, H) = h_{t-1} @ W_hn^T + b_hn, which the r gradient needs. Saved tensors are
     fp32 (as in the LSTM kernels), so low-precision models get gate gradients from the values
-    the forward computed, not from rounded copies.
+    the forward computed, not from rounded copies. With ln_hh_weight, saved also holds xhat
+    (T, B, 3H), the normalised product (zero where inactive), and rstd (T, B), its rows'
+    1 / sqrt(var + eps).
     """
     T, B, G = gates_x.shape
     H = G // 3
@@ -534,14 +642,20 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     dev, dtype = gates_x.device, gates_x.dtype
     cuts, recurrent_mask, zoneout_keep, zoneout, zone_mode = _variant_args(
         T, B, H, dtype, cuts, recurrent_mask, zoneout, zoneout_keep)
+    _check_ln(ln_hh_weight, H, reset_after)
+    has_ln = ln_hh_weight is not None
     y = torch.empty(T, B, H, device=dev, dtype=dtype)
     h_n = torch.empty(B, H, device=dev, dtype=dtype)
     fp32 = torch.float32
     gates = torch.empty(T, B, 3 * H, device=dev, dtype=fp32) if training else None
     gh_n = torch.empty(T, B, H, device=dev, dtype=fp32) if training and reset_after else None
+    xhat = torch.empty(T, B, 3 * H, device=dev, dtype=fp32) if training and has_ln else None
+    rstd = torch.empty(T, B, device=dev, dtype=fp32) if training and has_ln else None
     saved = None
     if training:
         saved = (gates, gh_n) if reset_after else (gates,)
+        if has_ln:
+            saved += (xhat, rstd)
     if B == 0:
         return y, h_n, saved
 
@@ -551,14 +665,17 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
     if not reset_after:
         rh = torch.empty(B, H, device=dev, dtype=torch.float32)
         z = torch.empty(B, H, device=dev, dtype=torch.float32)
+    rec = torch.empty(B, 3 * H, device=dev, dtype=torch.float32) if has_ln else None
     _launch.launch(
         _gru_fwd_kernel, (triton.cdiv(B, blocks.block_b),),
         contiguous(gates_x), contiguous(h0), contiguous(weight_hh), contiguous(bias_hn),
         contiguous(lengths), cuts, recurrent_mask, zoneout_keep, zoneout,
-        y, h_n, gates, gh_n, hbuf, rh, z,
+        contiguous(ln_hh_weight),
+        y, h_n, gates, gh_n, xhat, rstd, hbuf, rh, z, rec,
         T, B, H,
         HAS_H0=h0 is not None, HAS_BHN=bias_hn is not None, HAS_LENGTHS=lengths is not None,
         HAS_CUTS=cuts is not None, HAS_RMASK=recurrent_mask is not None, ZONEOUT=zone_mode,
+        HAS_LN=has_ln,
         REVERSE=bool(reverse), RESET_AFTER=bool(reset_after), TRAINING=bool(training),
         DOT_PRECISION=dot_precision(dtype, dev), BLOCK_B=blocks.block_b, BLOCK_H=blocks.block_h,
         BLOCK_K=blocks.block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -568,7 +685,7 @@ def gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse: bool, reset_a
 
 def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, reverse: bool,
                  reset_after: bool, cuts=None, recurrent_mask=None, zoneout: float = 0.0,
-                 zoneout_keep=None):
+                 zoneout_keep=None, ln_hh_weight=None):
     """Reverse recurrence of gru_forward in one launch; weight gradients are left to the caller.
 
     grad_y (T, B, H) and grad_h_n (B, H) may be None (zeros). saved, y, h0, lengths, reverse and
@@ -580,6 +697,9 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
     With recurrent_mask the products read h * m, so the weight gradient's operand is
     h_{t-1} * m (r * h_{t-1} * m for the n block of reset_after=False), with h_{t-1} zero
     where cut. Both gate gradients are 0 at inactive positions.
+    With ln_hh_weight, grad_gates_h is the gradient of the product before LN_hh, and a fourth
+    result follows: grad_ln (T, B, 3H), the gradient of LN_hh's output (its n block is b_hn's,
+    and grad_ln * xhat summed over steps and rows is the gain's).
     """
     del bias_hn  # b_hn enters the backward only through the saved gh_n
     gates = saved[0]
@@ -588,11 +708,15 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
     dev = gates.device
     cuts, recurrent_mask, zoneout_keep, zoneout, zone_mode = _variant_args(
         T, B, H, y.dtype, cuts, recurrent_mask, zoneout, zoneout_keep)
+    _check_ln(ln_hh_weight, H, reset_after)
+    has_ln = ln_hh_weight is not None
     grad_gx = torch.empty(T, B, G, device=dev, dtype=torch.float32)
     grad_gh = torch.empty(T, B, G, device=dev, dtype=torch.float32)
     grad_h0 = torch.empty(B, H, device=dev, dtype=torch.float32)
+    grad_ln = torch.empty(T, B, G, device=dev, dtype=torch.float32) if has_ln else None
+    results = (grad_gx, grad_gh, grad_h0) + ((grad_ln,) if has_ln else ())
     if B == 0:
-        return grad_gx, grad_gh, grad_h0
+        return results
 
     blocks = gru_blocks(B, H)
     dh = torch.empty(2, B, H, device=dev, dtype=torch.float32)
@@ -600,15 +724,16 @@ def gru_backward(grad_y, grad_h_n, saved, y, h0, weight_hh, bias_hn, lengths, re
         _gru_bwd_kernel, (triton.cdiv(B, blocks.block_b),),
         contiguous(grad_y), contiguous(grad_h_n), gates, saved[1] if reset_after else None,
         contiguous(y), contiguous(h0), contiguous(weight_hh), contiguous(lengths),
-        cuts, recurrent_mask, zoneout_keep, zoneout,
-        grad_gx, grad_gh, grad_h0, dh,
+        cuts, recurrent_mask, zoneout_keep, zoneout, contiguous(ln_hh_weight),
+        saved[2] if has_ln else None, saved[3] if has_ln else None,
+        grad_gx, grad_gh, grad_h0, grad_ln, dh,
         T, B, H,
         HAS_GY=grad_y is not None, HAS_GHN_OUT=grad_h_n is not None, HAS_H0=h0 is not None,
         HAS_LENGTHS=lengths is not None, HAS_CUTS=cuts is not None,
-        HAS_RMASK=recurrent_mask is not None, ZONEOUT=zone_mode, REVERSE=bool(reverse),
-        RESET_AFTER=bool(reset_after),
+        HAS_RMASK=recurrent_mask is not None, ZONEOUT=zone_mode, HAS_LN=has_ln,
+        REVERSE=bool(reverse), RESET_AFTER=bool(reset_after),
         DOT_PRECISION=dot_precision(weight_hh.dtype, dev), BLOCK_B=blocks.block_b,
         BLOCK_H=blocks.block_h, BLOCK_K=blocks.block_k, num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )
-    return grad_gx, grad_gh, grad_h0
+    return results
