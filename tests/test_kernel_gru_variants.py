@@ -405,6 +405,23 @@ def test_opcheck_with_variants():
                                case["lengths"], True, False, "tiled", 0.35, True))
 
 
+@pytest.mark.parametrize("variant", ["rdrop", "ln", "all", "ln-all"])
+def test_vmap_matches_separate_calls(variant):
+    """vmap over gates_x: with only float masks (recurrent_mask, the LN gain: shared) the
+    slices join the batch rows; with bool ones (cuts, zoneout_keep) the op runs per slice."""
+    case = make_case(3, 2, 16, True, seed=19, **VARIANTS[variant])
+    gxs = torch.stack([case["gx"], case["gx"].flip(0)])
+
+    def run(gx):
+        return triton_glue.gru_recurrence(gx, case["h0"], case["w"], case["b_hn"], None, False,
+                                          True, "tiled", step_variants(case))
+
+    got = torch.func.vmap(run)(gxs)
+    for n in range(2):
+        for a, b in zip(got, run(gxs[n])):
+            torch.testing.assert_close(a[n], b, atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------ through the module
 MODULE_RESULTS = ["y", "h_n", "grad x"]
 
