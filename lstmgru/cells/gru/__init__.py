@@ -67,4 +67,6 @@ def _family_recurrence(family):
 
 _registration.register(
     (("GRU", native.module_forward), ("GRUCell", native.cell_forward)), native,
-    reference.gru_recurrence, _family_recurrence, "gru")
+    reference.gru_recurrence, _family_recurrence, "gru",
+    kernel_variants=("layer_norm", "zoneout", "recurrent_dropout", "weight_drop",
+                     "reset"))
