@@ -174,11 +174,11 @@ def test_opcheck():
                           (rnd(T, B, 4 * H), rnd(B, H), rnd(B, H), rnd(4 * H, H), None, None, None,
                            None, None, None, lengths, True, "tiled", 0.0, True))
     torch.library.opcheck(torch.ops.lstmgru.gru_forward.default,
-                          (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(H), None, False, True, "tiled",
-                           True))
+                          (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(H), None, None, None, None,
+                           None, False, True, "tiled", 0.0, True))
     torch.library.opcheck(torch.ops.lstmgru.gru_forward.default,
-                          (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), None, lengths, True, False, "tiled",
-                           True))
+                          (rnd(T, B, 3 * H), rnd(B, H), rnd(3 * H, H), None, None, None, None, None,
+                           lengths, True, False, "tiled", 0.0, True))
 
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])
