@@ -103,7 +103,9 @@ def register_row_vmap(op, row_dims: Sequence, out_row_dims: Optional[Sequence]) 
     def rule(info, in_dims, *args):
         n = info.batch_size
         mergeable = all(d is None or row is not None for d, row in zip(in_dims, row_dims))
-        packed = any(isinstance(a, torch.Tensor) and not a.is_floating_point() for a in args)
+        # Integer tensors are per-row lengths (bool ones are masks, which merge like the rest).
+        packed = any(isinstance(a, torch.Tensor) and not a.is_floating_point()
+                     and a.dtype != torch.bool for a in args)
         if out_row_dims is None or not mergeable or packed:
             return _loop(op, n, in_dims, args)
         merged = []

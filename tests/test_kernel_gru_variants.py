@@ -407,8 +407,8 @@ def test_opcheck_with_variants():
 
 @pytest.mark.parametrize("variant", ["rdrop", "ln", "all", "ln-all"])
 def test_vmap_matches_separate_calls(variant):
-    """vmap over gates_x: with only float masks (recurrent_mask, the LN gain: shared) the
-    slices join the batch rows; with bool ones (cuts, zoneout_keep) the op runs per slice."""
+    """vmap over gates_x: the slices join the batch rows, the masks (recurrent_mask, cuts,
+    zoneout_keep) with them; the LN gain is shared."""
     case = make_case(3, 2, 16, True, seed=19, **VARIANTS[variant])
     gxs = torch.stack([case["gx"], case["gx"].flip(0)])
 

@@ -367,11 +367,11 @@ def test_opcheck_with_variants():
                                0.3, True))
 
 
-@pytest.mark.parametrize("kw", [pytest.param(dict(mask=True), id="rows-merged"),
-                                pytest.param(ALL, id="bool-masks-per-slice")])
+@pytest.mark.parametrize("kw", [pytest.param(dict(mask=True), id="float-mask"),
+                                pytest.param(ALL, id="bool-masks-too")])
 def test_vmap_matches_separate_calls(kw):
-    """vmap over the inputs: with only float masks the slices join the batch rows (the mask's
-    row dim is 0); with bool ones (cuts, zoneout_keep) the op runs per slice."""
+    """vmap over the inputs: the slices join the batch rows, masks included (each has a row
+    dimension), so the vmapped call is one launch."""
     case = Case(T=3, B=2, H=16, **kw)
     gxs = torch.stack([case.gx, case.gx.flip(0)])
 
@@ -379,7 +379,9 @@ def test_vmap_matches_separate_calls(kw):
         return triton_glue.lstm_recurrence(gx, case.h0, case.c0, case.w, None, None, False,
                                            "tiled", case.variants())
 
+    before = _launch.launches
     got = torch.func.vmap(run)(gxs)
+    assert _launch.launches - before == 1
     for n in range(2):
         for a, b in zip(got, run(gxs[n])):
             torch.testing.assert_close(a[n], b, atol=FP32, rtol=FP32)
