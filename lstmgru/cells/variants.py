@@ -1,11 +1,12 @@
 """Cell variants of the LSTM and the GRU: layer normalisation, zoneout, recurrent dropout,
 weight drop (DropConnect on ``weight_hh``), and per-step state resets.
 
-This is both the specification of the variants and, for now, their only implementation (the
-``reference`` backend routes every call with a variant in force here; ``native`` and
-``triton`` refuse them). It is a plain step loop of torch ops, differentiated by autograd to
-any order; the plain cells keep their fast recurrences (``lstm/reference.py``,
-``gru/reference.py``), which this file never touches.
+This file is the variants' specification and what every implementation shares: the options
+and their checks, the masks (drawn once per call and layer-direction from torch's RNG), the
+parts outside the time loop (LN_ih, weight drop), and ``lstm_steps`` / ``gru_steps``, the
+equations as naive step loops differentiated by autograd to any order. Those are the oracle
+of the fast recurrences (``lstm/variants_reference.py``, ``gru/variants_reference.py`` and the
+tiled Triton kernels) and what they recompute through under ``create_graph``.
 
 Equations, per layer-direction, with ``LN(v; g, b) = (v - mean) / sqrt(var + 1e-5) * g + b``
 over the whole last axis (F.layer_norm's form, biased variance)::
