@@ -81,8 +81,9 @@ def weight_grad(grad_gates_h, gates, h_prev, reset_after):
 
 
 def assert_close(name, actual, expected, tol):
-    """max |actual - expected| <= tol * max(1, max |expected|); names the worst element if not."""
-    actual = actual.double()
+    """max |actual - expected| <= tol * max(1, max |expected|); names the worst element if not.
+    (The kernel suites share it: test_kernel_gru_variants, test_kernel_split.)"""
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     err = (actual - expected).abs()

@@ -21,6 +21,7 @@ from lstmgru._kernels import gru as kgru  # noqa: E402
 from lstmgru._sequence import Lengths  # noqa: E402
 from lstmgru.cells import variants as cell_variants  # noqa: E402
 from lstmgru.cells.gru import triton_glue  # noqa: E402
+from test_kernel_gru import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -83,20 +84,6 @@ def naive_gru(gx, h0, w, b_hn, lengths, reverse, reset_after, cuts=None, rmask=N
             ys[t] = torch.where(active, h_new, torch.zeros_like(h_new))
         h = h_new
     return torch.stack(ys), h
-
-
-def assert_close(name, actual, expected, tol):
-    """max |actual - expected| <= tol * max(1, max |expected|); names the worst element if not."""
-    actual = actual.double()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err = (actual - expected).abs()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    if err.numel() and err.max().item() > tol * scale:
-        idx = tuple(torch.nonzero(err == err.max())[0].tolist())
-        raise AssertionError(
-            f"{name}: max error {err.max().item():.3e} > {tol:.1e} * {scale:.3g} at {idx}: "
-            f"kernel {actual[idx].item():.8g}, reference {expected[idx].item():.8g}")
 
 
 def make_case(T, B, H, reset_after, dtype=torch.float32, lengths=None, has_h0=True,

@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 from lstmgru._kernels import _launch as kernel_launch  # noqa: E402  (after the skip: needs triton)
 from lstmgru._kernels import split as K  # noqa: E402
 from _parallel_interpreter import parallel_programs  # noqa: E402
-from test_kernel_gru import h_prev_from_outputs, naive_gru, weight_grad  # noqa: E402
+from test_kernel_gru import (assert_close, h_prev_from_outputs, naive_gru,  # noqa: E402
+                             weight_grad)
 from test_kernel_lstm import h_prev_of, reference_lstm  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -44,20 +45,6 @@ def programs(plan, shake=0.0, seed=None):
 def plan_for(B, H, dtype, cell, block_j=None):
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     return K.split_plan(B, H, dtype, sms, cell, block_j=block_j)
-
-
-def assert_close(name, actual, expected, tol):
-    """max |actual - expected| <= tol * max(1, max |expected|); names the worst element if not."""
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    err = (actual - expected).abs()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    if err.numel() and err.max().item() > tol * scale:
-        idx = tuple(torch.nonzero(err == err.max())[0].tolist())
-        raise AssertionError(
-            f"{name}: max error {err.max().item():.3e} > {tol:.1e} * {scale:.3g} at {idx}: "
-            f"kernel {actual[idx].item():.8g}, reference {expected[idx].item():.8g}")
 
 
 def randn(gen, *shape, dtype, scale=1.0):
