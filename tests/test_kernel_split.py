@@ -30,16 +30,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager
-def programs(plan, shake=0.0, seed=None):
+def programs(plan, shake=0.0, seed=None, synced=True):
     """Context in which split launches can run: the GPU as it is, or one thread per program
-    (then checked to have run all of the plan's programs at once). ``shake`` makes the
-    threads yield at random memory accesses, to try other interleavings."""
+    (then checked to have run all of the plan's programs at once, which holds where they sync:
+    ``synced``). ``shake`` makes the threads yield at random memory accesses, to try other
+    interleavings."""
     if DEVICE == "cuda":
         yield
         return
     with parallel_programs(timeout_s=120.0, shake=shake, seed=seed) as stats:
         yield
-    assert stats.launches > 0 and stats.max_concurrent == plan.programs
+    assert stats.launches > 0
+    if synced:
+        assert stats.max_concurrent == plan.programs
 
 
 def plan_for(B, H, dtype, cell, block_j=None):
@@ -278,7 +281,8 @@ def test_empty_sequence_returns_initial_state():
     B, H = 3, 40
     h0, c0 = randn(gen, B, H, dtype=torch.float32), randn(gen, B, H, dtype=torch.float32)
     w = randn(gen, 4 * H, H, dtype=torch.float32)
-    with programs(plan_for(B, H, torch.float32, "lstm")):
+    # No step, so no sync: a program may finish before the last one starts.
+    with programs(plan_for(B, H, torch.float32, "lstm"), synced=False):
         y, h_n, c_n, saved = K.lstm_forward(torch.empty(0, B, 4 * H, device=DEVICE), h0, c0, w,
                                             None, False, True)
         ghn, gcn = randn(gen, B, H, dtype=torch.float32), randn(gen, B, H, dtype=torch.float32)
