@@ -99,6 +99,22 @@ def _normed(rec_ptrs, gx_ptrs, w_ptrs, mask, col_ok, mean, rstd):
 
 
 @triton.jit
+def _merge_row_stats(count, mean, m2, v, col_ok, n_valid):
+    """Each row's running count, mean and sum of squared deviations (m2), with one more
+    (BLOCK_B, BLOCK_H) chunk ``v`` (valid in its first ``n_valid`` columns, where col_ok)
+    merged in by Chan et al.'s pairwise update: stable where sum(x^2)/n - mean^2 would
+    cancel (values far from 0)."""
+    n = n_valid.to(tl.float32)
+    chunk_mean = tl.sum(tl.where(col_ok[None, :], v, 0.0), axis=1) / n
+    dev = tl.where(col_ok[None, :], v - chunk_mean[:, None], 0.0)
+    total = count + n
+    delta = chunk_mean - mean
+    mean = mean + delta * (n / total)
+    m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (count * n / total)
+    return total, mean, m2
+
+
+@triton.jit
 def _gate_products(acc_i, acc_f, acc_g, acc_o, h_rd, rmask_ptr, w_ptr, rows2, row_ok, cols,
                    col_ok, ks, cut, H, HAS_CUTS: tl.constexpr, HAS_RMASK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -240,10 +256,11 @@ def _lstm_fwd_kernel(
         if LAYER_NORM:
             # Three passes over the columns, as LN needs each row's statistics over all gates
             # (then over c) before any column goes on: (1) the raw product to rec and its row
-            # sums; (2) LN_hh, the gates and c_t, with c's row sums; (3) LN_c and h_t.
+            # statistics; (2) LN_hh, the gates and c_t, with c's; (3) LN_c and h_t.
             rec_t = rec_ptr + t64 * rec_step
-            sums = tl.zeros((BLOCK_B,), tl.float32)
-            squares = tl.zeros((BLOCK_B,), tl.float32)
+            count = tl.zeros((BLOCK_B,), tl.float32)
+            mean = tl.zeros((BLOCK_B,), tl.float32)
+            m2 = tl.zeros((BLOCK_B,), tl.float32)
             for j in range(0, H, BLOCK_H):
                 cols = j + tl.arange(0, BLOCK_H)
                 col_ok = cols < H
@@ -258,14 +275,16 @@ def _lstm_fwd_kernel(
                 tl.store(rec_t + g_off + H, r_f, mask=mask)
                 tl.store(rec_t + g_off + 2 * H, r_g, mask=mask)
                 tl.store(rec_t + g_off + 3 * H, r_o, mask=mask)
-                # (columns past H read zero weights, so they add nothing)
-                sums += tl.sum(r_i + r_f + r_g + r_o, axis=1)
-                squares += tl.sum(r_i * r_i + r_f * r_f + r_g * r_g + r_o * r_o, axis=1)
-            mean = sums / (4 * H)
-            rstd = 1.0 / tl.sqrt(tl.maximum(squares / (4 * H) - mean * mean, 0.0) + EPS)
+                n_valid = tl.minimum(H - j, BLOCK_H)
+                count, mean, m2 = _merge_row_stats(count, mean, m2, r_i, col_ok, n_valid)
+                count, mean, m2 = _merge_row_stats(count, mean, m2, r_f, col_ok, n_valid)
+                count, mean, m2 = _merge_row_stats(count, mean, m2, r_g, col_ok, n_valid)
+                count, mean, m2 = _merge_row_stats(count, mean, m2, r_o, col_ok, n_valid)
+            rstd = 1.0 / tl.sqrt(m2 / (4 * H) + EPS)
             tl.debug_barrier()
-            c_sums = tl.zeros((BLOCK_B,), tl.float32)
-            c_squares = tl.zeros((BLOCK_B,), tl.float32)
+            count_c = tl.zeros((BLOCK_B,), tl.float32)
+            mean_c = tl.zeros((BLOCK_B,), tl.float32)
+            m2_c = tl.zeros((BLOCK_B,), tl.float32)
             for j in range(0, H, BLOCK_H):
                 cols = j + tl.arange(0, BLOCK_H)
                 col_ok = cols < H
@@ -283,11 +302,10 @@ def _lstm_fwd_kernel(
                 c, o = _new_cell(pre_i, pre_f, pre_g, pre_o, c_buf_ptr, act_t, c_seq_t, st,
                                  g_off, mask, active, cut, H, HAS_LENGTHS, HAS_CUTS, TRAINING)
                 tl.store(o_buf_ptr + st, o, mask=mask)
-                c = tl.where(mask, c, 0.0)
-                c_sums += tl.sum(c, axis=1)
-                c_squares += tl.sum(c * c, axis=1)
-            mean_c = c_sums / H
-            rstd_c = 1.0 / tl.sqrt(tl.maximum(c_squares / H - mean_c * mean_c, 0.0) + EPS)
+                # (an inactive row's statistics are of its kept c: unused, its h is kept too)
+                count_c, mean_c, m2_c = _merge_row_stats(count_c, mean_c, m2_c, c, col_ok,
+                                                         tl.minimum(H - j, BLOCK_H))
+            rstd_c = 1.0 / tl.sqrt(m2_c / H + EPS)
             if TRAINING:
                 stats_t = stats_ptr + (t64 * B + rows) * 4
                 tl.store(stats_t, mean, mask=row_ok)

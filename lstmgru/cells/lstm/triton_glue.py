@@ -8,7 +8,8 @@ to run).
 Imported only when a kernel runs, so ``import lstmgru`` needs no triton.
 ``lstm_recurrence`` takes the arguments of ``reference.lstm_recurrence`` and returns its results.
 The tiled family also takes the cell variants' part in the loop (``StepVariants``: resets,
-recurrent dropout, zoneout; not layer_norm); their masks are op inputs, made by the caller.
+recurrent dropout, zoneout, layer_norm); their masks are op inputs, made by the caller, and
+the LayerNorm gains are differentiable inputs.
 """
 from __future__ import annotations
 

@@ -31,6 +31,13 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _stats_dtype(gates_x: Tensor, gain: Tensor) -> torch.dtype:
+    """The dtype of ATen's layer-norm mean and 1/std for these inputs (it differs by device:
+    half inputs give float statistics on CUDA)."""
+    return torch.native_layer_norm(gates_x.new_empty(1, gain.shape[0]), (gain.shape[0],), gain,
+                                   None, EPS)[1].dtype
+
+
 def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bias,
              recurrent_mask, zoneout_keep, cuts, per_row, reverse, zoneout, save):
     T, B, G = gates_x.shape
@@ -221,7 +228,8 @@ def _(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bia
     return (y, h0.new_empty(B, P), c0.new_empty(B, H), gates_x.new_empty(T, B, G),
             gates_x.new_empty(T, B, H), gates_x.new_empty(T, B, H),
             gates_x.new_empty(T, B, G) if layer_norm else _empty(y),
-            gates_x.new_empty(4, T, B, 1) if layer_norm else _empty(y))
+            gates_x.new_empty(4, T, B, 1, dtype=_stats_dtype(gates_x, ln_hh_weight))
+            if layer_norm else _empty(y))
 
 
 @torch.library.custom_op("lstmgru::lstm_variants_reference_backward", mutates_args=())
