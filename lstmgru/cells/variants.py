@@ -278,6 +278,21 @@ def active_factors(per_row: Optional[torch.Tensor], T: int,
     return (steps < per_row.unsqueeze(0)).unsqueeze(2).to(like.dtype)
 
 
+layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+
+
+def layer_norm_stats_dtype(like: torch.Tensor, gain: torch.Tensor) -> torch.dtype:
+    """The dtype of ATen's layer-norm mean and 1/std for inputs like ``like`` (it differs by
+    device: half inputs give float statistics on CUDA)."""
+    size = gain.shape[0]
+    return torch.native_layer_norm(like.new_empty(1, size), (size,), gain, None, EPS)[1].dtype
+
+
+def nothing(like: torch.Tensor) -> torch.Tensor:
+    """Stands in for a result an op does not compute (custom ops return tensors, not None)."""
+    return like.new_empty(0)
+
+
 def step_value(carry, t):
     """Step t's entry of ``carry_factors``' result."""
     return carry if carry is None or isinstance(carry, float) else carry[t]

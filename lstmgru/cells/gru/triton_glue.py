@@ -14,7 +14,8 @@ from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
 from .. import variants as cell_variants
 from . import spec
-from ..lstm.triton_glue import FAMILIES, _nothing
+from ..lstm.triton_glue import FAMILIES
+from ..variants import nothing
 
 
 def _variant_kwargs(cuts, recurrent_mask, zoneout, zoneout_keep, ln_hh_weight):
@@ -40,7 +41,7 @@ def gru_forward(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optiona
     gates = saved[0] if training else None
     gh_n = saved[1] if training and reset_after else None
     xhat, rstd = saved[2:4] if training and ln_hh_weight is not None else (None, None)
-    return (y, h_n) + tuple(_nothing(y) if s is None else s for s in (gates, gh_n, xhat, rstd))
+    return (y, h_n) + tuple(nothing(y) if s is None else s for s in (gates, gh_n, xhat, rstd))
 
 
 @gru_forward.register_fake
@@ -50,11 +51,11 @@ def _(gates_x, h0, weight_hh, bias_hn, cuts, recurrent_mask, zoneout_keep, ln_hh
     H = G // 3
     y = gates_x.new_empty(T, B, H)
     fp32 = {"dtype": torch.float32}
-    gates = gates_x.new_empty(T, B, G, **fp32) if training else _nothing(y)
-    gh_n = gates_x.new_empty(T, B, H, **fp32) if training and reset_after else _nothing(y)
+    gates = gates_x.new_empty(T, B, G, **fp32) if training else nothing(y)
+    gh_n = gates_x.new_empty(T, B, H, **fp32) if training and reset_after else nothing(y)
     ln = training and ln_hh_weight is not None
-    xhat = gates_x.new_empty(T, B, G, **fp32) if ln else _nothing(y)
-    rstd = gates_x.new_empty(T, B, **fp32) if ln else _nothing(y)
+    xhat = gates_x.new_empty(T, B, G, **fp32) if ln else nothing(y)
+    rstd = gates_x.new_empty(T, B, **fp32) if ln else nothing(y)
     return y, h0.new_empty(B, H), gates, gh_n, xhat, rstd
 
 
@@ -72,7 +73,7 @@ def gru_backward(grad_y: Optional[Tensor], grad_h_n: Optional[Tensor], gates: Te
         grad_y, grad_h_n, saved, y, h0, weight_hh, None, lengths, reverse, reset_after,
         **_variant_kwargs(cuts, recurrent_mask, zoneout, zoneout_keep, ln_hh_weight))
     # The fourth result, the gradient of LN_hh's output, only exists with LN.
-    return tuple(grads) if ln_hh_weight is not None else tuple(grads) + (_nothing(gates),)
+    return tuple(grads) if ln_hh_weight is not None else tuple(grads) + (nothing(gates),)
 
 
 @gru_backward.register_fake
@@ -81,7 +82,7 @@ def _(grad_y, grad_h_n, gates, gh_n, xhat, rstd, y, h0, weight_hh, cuts, recurre
     T, B, G = gates.shape
     fp32 = {"dtype": torch.float32}
     grad_ln = gates.new_empty(T, B, G, **fp32) if ln_hh_weight is not None else \
-        _nothing(gates)
+        nothing(gates)
     return (gates.new_empty(T, B, G, **fp32), gates.new_empty(T, B, G, **fp32),
             gates.new_empty(B, G // 3, **fp32), grad_ln)
 

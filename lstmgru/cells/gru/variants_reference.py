@@ -19,22 +19,9 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, step_order
-from ..variants import (EPS, StepVariants, active_factors, carry_factors, gru_steps,
-                        keep_factors, step_value)
-
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
-def _stats_dtype(gates_x: Tensor, gain: Tensor) -> torch.dtype:
-    """The dtype of ATen's layer-norm mean and 1/std for these inputs (it differs by device:
-    half inputs give float statistics on CUDA)."""
-    return torch.native_layer_norm(gates_x.new_empty(1, gain.shape[0]), (gain.shape[0],), gain,
-                                   None, EPS)[1].dtype
-
+from ..variants import (EPS, StepVariants, active_factors, carry_factors, nothing,
+                        gru_steps, keep_factors, layer_norm_backward, layer_norm_stats_dtype,
+                        step_value)
 
 def _forward(gates_x, h0, weight_hh, bias_hn, ln_hh_weight, recurrent_mask, zoneout_keep, cuts,
              per_row, reverse, reset_after, zoneout, save):
@@ -91,10 +78,10 @@ def _forward(gates_x, h0, weight_hh, bias_hn, ln_hh_weight, recurrent_mask, zone
         else:
             h = h_new
     if not save:
-        return y, h.clone(), tuple(_empty(y) for _ in range(4))
+        return y, h.clone(), tuple(nothing(y) for _ in range(4))
     # (2, T, B, 1): each step's slice dense, as ATen's CPU layer-norm backward reads it.
-    stats = torch.stack([torch.stack(kind) for kind in stats]) if layer_norm else _empty(y)
-    return y, h.clone(), (act, aux, rec if layer_norm else _empty(y), stats)
+    stats = torch.stack([torch.stack(kind) for kind in stats]) if layer_norm else nothing(y)
+    return y, h.clone(), (act, aux, rec if layer_norm else nothing(y), stats)
 
 
 def _backward(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn, ln_hh_weight,
@@ -142,7 +129,7 @@ def _backward(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn,
             g[:, :2 * H] = da[:, :2 * H]
             torch.mul(da_n, r[t], out=g[:, 2 * H:])
             if layer_norm:
-                g = _layer_norm_backward(g, rec[t], (G,), stats[0, t], stats[1, t],
+                g = layer_norm_backward(g, rec[t], (G,), stats[0, t], stats[1, t],
                                          ln_hh_weight, None, (True, False, False))[0]
                 raw_grad_rec[t] = g
             dh = g @ w
@@ -157,15 +144,15 @@ def _backward(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn,
             dh.add_(dh_t * c_t)
         if keep is not None:
             dh.mul_(keep[t])
-    grad_b_hn = _empty(act)
-    grad_ln = _empty(act)
+    grad_b_hn = nothing(act)
+    grad_ln = nothing(act)
     rows = T * B
     if reset_after:
         if bias_hn is not None:
             grad_b_hn = grad_rec[..., 2 * H:].sum((0, 1))
         if layer_norm:
             # LN_hh's gain over all steps and rows at once, from the saved statistics
-            grad_ln = _layer_norm_backward(
+            grad_ln = layer_norm_backward(
                 grad_rec.view(rows, G), rec.view(rows, G), (G,), stats[0].view(rows, 1),
                 stats[1].view(rows, 1), ln_hh_weight, None, (False, True, False))[1]
             grad_rec = torch.stack(raw_grad_rec)
@@ -199,12 +186,12 @@ def _(gates_x, h0, weight_hh, bias_hn, ln_hh_weight, recurrent_mask, zoneout_kee
     H = G // 3
     y = gates_x.new_empty(T, B, H)
     if not save:
-        return (y, h0.new_empty(B, H)) + tuple(_empty(y) for _ in range(4))
+        return (y, h0.new_empty(B, H)) + tuple(nothing(y) for _ in range(4))
     layer_norm = ln_hh_weight is not None
     return (y, h0.new_empty(B, H), gates_x.new_empty(T, B, G), gates_x.new_empty(T, B, H),
-            gates_x.new_empty(T, B, G) if layer_norm else _empty(y),
-            gates_x.new_empty(2, T, B, 1, dtype=_stats_dtype(gates_x, ln_hh_weight))
-            if layer_norm else _empty(y))
+            gates_x.new_empty(T, B, G) if layer_norm else nothing(y),
+            gates_x.new_empty(2, T, B, 1, dtype=layer_norm_stats_dtype(gates_x, ln_hh_weight))
+            if layer_norm else nothing(y))
 
 
 @torch.library.custom_op("lstmgru::gru_variants_reference_backward", mutates_args=())
@@ -224,8 +211,8 @@ def gru_variants_reference_backward(
 def _(grad_y, grad_h_n, act, aux, rec, stats, y, h0, weight_hh, bias_hn, ln_hh_weight,
       recurrent_mask, zoneout_keep, cuts, per_row, reverse, reset_after, zoneout):
     return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(weight_hh),
-            torch.empty_like(bias_hn) if bias_hn is not None and reset_after else _empty(act),
-            torch.empty_like(ln_hh_weight) if ln_hh_weight is not None else _empty(act))
+            torch.empty_like(bias_hn) if bias_hn is not None and reset_after else nothing(act),
+            torch.empty_like(ln_hh_weight) if ln_hh_weight is not None else nothing(act))
 
 
 # Batch rows: gates_x, zoneout_keep, cuts (T, B, .); h0, recurrent_mask, lengths (B, .);

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, recurrent_weight_grad
-from ..variants import StepVariants, lstm_steps
+from ..variants import StepVariants, lstm_steps, nothing
 from ..._kernels import gru as tiled_gru_kernels
 from ..._kernels import lstm as tiled_lstm_kernels
 from ..._kernels import split as split_kernels
@@ -39,11 +39,6 @@ class _Tiled:
 # The kernel families by name: the batch-tiled kernels and the split-hidden persistent ones
 # take the same arguments and return the same results (lstmgru._kernels.*).
 FAMILIES = {"tiled": _Tiled, "split": split_kernels}
-
-
-def _nothing(like: Tensor) -> Tensor:
-    """Stands in for a saved tensor that inference does not keep (custom ops return tensors)."""
-    return like.new_empty(0)
 
 
 def _variant_args(cuts, recurrent_mask, zoneout, zoneout_keep, layer_norm) -> dict:
@@ -72,7 +67,7 @@ def lstm_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
     if not training:
         saved = ()
     # gates, cells; with layer_norm also rec and stats
-    saved = tuple(saved) + tuple(_nothing(y) for _ in range(4 - len(saved)))
+    saved = tuple(saved) + tuple(nothing(y) for _ in range(4 - len(saved)))
     return (y, h_n, c_n, *saved)
 
 
@@ -84,13 +79,13 @@ def _(gates_x, h0, c0, weight_hh, ln_hh_weight, ln_c_weight, ln_c_bias, cuts, re
     y = gates_x.new_empty(T, B, H)
     states = (y, h0.new_empty(B, H), c0.new_empty(B, H))
     if not training:
-        return states + tuple(_nothing(y) for _ in range(4))
+        return states + tuple(nothing(y) for _ in range(4))
     fp32 = {"dtype": torch.float32}
     saved = (gates_x.new_empty(T, B, G, **fp32), gates_x.new_empty(T, B, H, **fp32))
     if ln_hh_weight is not None:
         return states + saved + (gates_x.new_empty(T, B, G, **fp32),
                                  gates_x.new_empty(T, B, 4, **fp32))
-    return states + saved + (_nothing(y), _nothing(y))
+    return states + saved + (nothing(y), nothing(y))
 
 
 @torch.library.custom_op("lstmgru::lstm_backward", mutates_args=())
@@ -108,7 +103,7 @@ def lstm_backward(grad_y: Optional[Tensor], grad_h_n: Optional[Tensor],
         grad_y, grad_h_n, grad_c_n, saved, None, None, c0, weight_hh, lengths, reverse,
         **_variant_args(cuts, recurrent_mask, zoneout, zoneout_keep, layer_norm))
     # grad_gates_x, grad_h0, grad_c0; with layer_norm also grad_rec, grad_cn
-    return tuple(grads) + tuple(_nothing(gates) for _ in range(5 - len(grads)))
+    return tuple(grads) + tuple(nothing(gates) for _ in range(5 - len(grads)))
 
 
 @lstm_backward.register_fake
@@ -118,7 +113,7 @@ def _(grad_y, grad_h_n, grad_c_n, gates, cells, rec, stats, c0, weight_hh, ln_hh
     T, B, G = gates.shape
     grads = (gates.new_empty(T, B, G), gates.new_empty(B, G // 4), gates.new_empty(B, G // 4))
     if ln_hh_weight is None:
-        return grads + (_nothing(gates), _nothing(gates))
+        return grads + (nothing(gates), nothing(gates))
     return grads + (gates.new_empty(T, B, G), gates.new_empty(T, B, G // 4))
 
 

@@ -21,22 +21,9 @@ from torch import Tensor
 
 from ..._autograd import recurrence_function, register_row_vmap
 from ..._sequence import Lengths, needs_grad, previous_states, step_order
-from ..variants import (EPS, StepVariants, active_factors, carry_factors, keep_factors,
-                        lstm_steps, step_value)
-
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
-def _stats_dtype(gates_x: Tensor, gain: Tensor) -> torch.dtype:
-    """The dtype of ATen's layer-norm mean and 1/std for these inputs (it differs by device:
-    half inputs give float statistics on CUDA)."""
-    return torch.native_layer_norm(gates_x.new_empty(1, gain.shape[0]), (gain.shape[0],), gain,
-                                   None, EPS)[1].dtype
-
+from ..variants import (EPS, StepVariants, active_factors, carry_factors, nothing,
+                        keep_factors, layer_norm_backward, layer_norm_stats_dtype, lstm_steps,
+                        step_value)
 
 def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bias,
              recurrent_mask, zoneout_keep, cuts, per_row, reverse, zoneout, save):
@@ -98,11 +85,11 @@ def _forward(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, l
         if active is not None:
             y_steps[t].mul_(active[t])
     if not save:
-        return y, h.clone(), c.clone(), tuple(_empty(y) for _ in range(5))
+        return y, h.clone(), c.clone(), tuple(nothing(y) for _ in range(5))
     # (4, T, B, 1): each step's slice dense, as ATen's CPU layer-norm backward reads it.
-    stats = torch.stack([torch.stack(kind) for kind in stats]) if layer_norm else _empty(y)
+    stats = torch.stack([torch.stack(kind) for kind in stats]) if layer_norm else nothing(y)
     return y, h.clone(), c.clone(), (act, cells, tanh_cells,
-                                     rec if layer_norm else _empty(y), stats)
+                                     rec if layer_norm else nothing(y), stats)
 
 
 def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y, h0, c0,
@@ -156,7 +143,7 @@ def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y,
         torch.mul(dh_new, o_factor[t], out=grad_gate_steps[t][:, 3 * H:])
         if layer_norm:
             d_tanh_in = torch.mul(dh_new, tanh_factor[t], out=grad_tanh_in[t])
-            d_tanh_in = _layer_norm_backward(d_tanh_in, cells[t], (H,), stats[2, t],
+            d_tanh_in = layer_norm_backward(d_tanh_in, cells[t], (H,), stats[2, t],
                                              stats[3, t], ln_c_weight, ln_c_bias,
                                              (True, False, False))[0]
             dc_t = d_tanh_in.add_(dc)
@@ -166,7 +153,7 @@ def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y,
         dc = dc_t * forget[t]
         da = grad_gate_steps[t]
         if layer_norm:
-            da = _layer_norm_backward(da, rec[t], (G,), stats[0, t], stats[1, t], ln_hh_weight,
+            da = layer_norm_backward(da, rec[t], (G,), stats[0, t], stats[1, t], ln_hh_weight,
                                       None, (True, False, False))[0]
             grad_rec[t] = da
         dh = da @ w_hh
@@ -180,19 +167,19 @@ def _backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y,
     grad_rec = torch.stack(grad_rec) if layer_norm else grad_gates
     operand = h_prevs if recurrent_mask is None else h_prevs * recurrent_mask
     grad_w_hh = grad_rec.reshape(-1, G).t().mm(operand.reshape(-1, operand.shape[2]))
-    grad_w_hr = _empty(act)
+    grad_w_hr = nothing(act)
     if w_hr is not None:
         hidden = (o * tanh_cells).reshape(-1, H)
         grad_w_hr = grad_proj.reshape(-1, grad_proj.shape[2]).t().mm(hidden)
-    grad_ln = tuple(_empty(act) for _ in range(3))
+    grad_ln = tuple(nothing(act) for _ in range(3))
     if layer_norm:
         # The gains' (and LN_c's bias') gradients over all steps and rows: ATen's layer-norm
         # backward on the (T * B) rows at once, with the saved statistics.
         rows = T * B
-        grad_ln_hh = _layer_norm_backward(
+        grad_ln_hh = layer_norm_backward(
             grad_gates.view(rows, G), rec.view(rows, G), (G,), stats[0].view(rows, 1),
             stats[1].view(rows, 1), ln_hh_weight, None, (False, True, False))[1]
-        _, grad_ln_c, grad_ln_c_bias = _layer_norm_backward(
+        _, grad_ln_c, grad_ln_c_bias = layer_norm_backward(
             grad_tanh_in.view(rows, H), cells.view(rows, H), (H,), stats[2].view(rows, 1),
             stats[3].view(rows, 1), ln_c_weight, ln_c_bias, (False, True, True))
         grad_ln = (grad_ln_hh, grad_ln_c, grad_ln_c_bias)
@@ -223,13 +210,13 @@ def _(gates_x, h0, c0, weight_hh, weight_hr, ln_hh_weight, ln_c_weight, ln_c_bia
     H, P = G // 4, h0.shape[1]
     y = gates_x.new_empty(T, B, P)
     if not save:
-        return (y, h0.new_empty(B, P), c0.new_empty(B, H)) + tuple(_empty(y) for _ in range(5))
+        return (y, h0.new_empty(B, P), c0.new_empty(B, H)) + tuple(nothing(y) for _ in range(5))
     layer_norm = ln_hh_weight is not None
     return (y, h0.new_empty(B, P), c0.new_empty(B, H), gates_x.new_empty(T, B, G),
             gates_x.new_empty(T, B, H), gates_x.new_empty(T, B, H),
-            gates_x.new_empty(T, B, G) if layer_norm else _empty(y),
-            gates_x.new_empty(4, T, B, 1, dtype=_stats_dtype(gates_x, ln_hh_weight))
-            if layer_norm else _empty(y))
+            gates_x.new_empty(T, B, G) if layer_norm else nothing(y),
+            gates_x.new_empty(4, T, B, 1, dtype=layer_norm_stats_dtype(gates_x, ln_hh_weight))
+            if layer_norm else nothing(y))
 
 
 @torch.library.custom_op("lstmgru::lstm_variants_reference_backward", mutates_args=())
@@ -253,10 +240,10 @@ def _(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, rec, stats, y, h0, c0,
     layer_norm = ln_hh_weight is not None
     return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(weight_hh),
-            torch.empty_like(weight_hr) if weight_hr is not None else _empty(act),
-            torch.empty_like(ln_hh_weight) if layer_norm else _empty(act),
-            torch.empty_like(ln_c_weight) if layer_norm else _empty(act),
-            torch.empty_like(ln_c_bias) if layer_norm else _empty(act))
+            torch.empty_like(weight_hr) if weight_hr is not None else nothing(act),
+            torch.empty_like(ln_hh_weight) if layer_norm else nothing(act),
+            torch.empty_like(ln_c_weight) if layer_norm else nothing(act),
+            torch.empty_like(ln_c_bias) if layer_norm else nothing(act))
 
 
 # Batch rows: gates_x, zoneout_keep, cuts (T, B, .); h0, c0, recurrent_mask, lengths (B, .);
