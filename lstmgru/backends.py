@@ -5,15 +5,36 @@ Every cell (``LSTM``, ``GRU``, ``LSTMCell``, ``GRUCell``) registers its implemen
 the one place that knows what it can take (devices, dtypes, projections, variants, sizes).
 
 Backend names:
-    ``"auto"``       the default: the first implementation that supports the case, in the order
-                     ``AUTO_ORDER`` gives for the device (CUDA: triton, native, reference;
-                     elsewhere: native, reference). Why an implementation was passed over is
-                     logged once per reason (logger ``lstmgru``).
-    ``"reference"``  plain PyTorch (``lstmgru/cells/*/reference.py``): every case, any device.
-    ``"native"``     torch's own ATen kernels, called exactly as torch.nn calls them (oneDNN
-                     for the LSTM and ATen's loop for the GRU on the CPU, cuDNN on CUDA); only
-                     what torch computes identically.
-    ``"triton"``     our fused Triton kernels (CUDA, or CPU tensors in Triton's interpreter).
+    ``"auto"``          the default; the policy below.
+    ``"reference"``     plain PyTorch (``lstmgru/cells/*/reference.py``): every case, any device.
+    ``"native"``        torch's own ATen kernels, called exactly as torch.nn calls them (oneDNN
+                        for the LSTM and ATen's loop for the GRU on the CPU, cuDNN on CUDA);
+                        only what torch computes identically.
+    ``"triton"``        our fused Triton kernels (CUDA, or CPU tensors in Triton's interpreter),
+                        the family picked per call by the cost model;
+    ``"triton-tiled"``, ``"triton-split"``  one kernel family each.
+
+``auto`` takes the first implementation that supports the case, in this order:
+    CUDA:       the kernel family that a measurement of this GPU says is faster than cuDNN for
+                the case's bucket (``lstmgru.calibration``: the table shipped in the package,
+                with the user's own from ``python -m lstmgru.calibrate`` merged over it);
+                then ``native`` (cuDNN), ``triton``, ``reference``. So without a measurement
+                cuDNN runs whatever it computes, our kernels what only they compute (the cell
+                variants, the original GRU ``reset_after=False``, one op under torch.compile),
+                and the reference only what neither can.
+    elsewhere:  ``native``, then ``reference`` (the interpreter is far slower than either).
+``native`` is taken only where a one-time probe (``lstmgru/cells/_native.py``) saw torch's
+kernel run the case's dtype on this machine, under autocast when the call is; an explicit
+``"native"`` skips the probe, so that torch's own error reaches the user. Why an implementation
+was passed over is logged once per reason (logger ``lstmgru``).
+
+If one of our kernels fails to run under ``auto`` (an error from the Triton launch path: a
+refused cooperative launch, a sync timeout, a compilation or resource error), the failing call
+finishes on the next implementation in auto's order that runs a layer's recurrence and is not
+one of our kernels (the reference: torch's whole-module kernel cannot take over inside a module
+call), with a one-time ``RuntimeWarning`` naming the error; later calls of that case start at the
+next implementation in auto's order (cuDNN where it computes the case). Out-of-memory errors
+and errors in the backward pass are not caught.
 
 An explicit name that cannot take a case raises ``RuntimeError`` with the reason; it never
 falls back. The choice is context-local (a ``ContextVar``): ``set_backend`` affects the
@@ -27,17 +48,22 @@ import contextvars
 import functools
 import logging
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, FrozenSet, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
 ENV_VAR = "LSTMGRU_BACKEND"
-# Tried in this order by "auto"; a device type not listed uses the default order. The
-# interpreter runs the kernels orders of magnitude slower than the reference, so "auto"
-# never picks "triton" for CPU tensors.
-AUTO_ORDER = {"cuda": ("triton", "native", "reference")}
+# Tried in this order by "auto"; a device type not listed uses the default order. On CUDA a
+# calibration entry puts a kernel family first (``auto_order``). The interpreter runs the
+# kernels orders of magnitude slower than the reference, so "auto" never picks "triton" for
+# CPU tensors.
+AUTO_ORDER = {"cuda": ("native", "triton", "reference")}
 DEFAULT_AUTO_ORDER = ("native", "reference")
+# Our kernels. A launch of theirs may fail on hardware they have never run on, so auto falls
+# back from them (``_with_fallback``).
+KERNELS = frozenset({"triton", "triton-tiled", "triton-split"})
 
 _logger = logging.getLogger("lstmgru")
 _choice: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lstmgru_backend",
@@ -56,6 +82,7 @@ class Case(NamedTuple):
     reset_after: bool = True  # GRU: False is the original GRU, which torch cannot compute
     variants: Tuple[str, ...] = ()  # cell variants in force (names); torch computes none
     transform: str = ""       # "torch.compile" or "torch.func" while one is tracing the call
+    autocast: bool = False    # autocast is on for device_type (``select`` sets it)
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,10 @@ class Implementation:
     supports: Callable[[Case], Optional[str]]
     module_forward: Optional[Callable] = None
     recurrence: Optional[Callable] = None
+    # Asked by "auto" only, after ``supports``: whether the implementation really runs the
+    # case on this machine (native: a probe of torch's kernel). An explicit request skips it,
+    # so that the implementation's own error reaches the user.
+    probe: Optional[Callable[[Case], Optional[str]]] = None
 
 
 _REGISTRY: Dict[str, Dict[str, Implementation]] = {}
@@ -133,6 +164,9 @@ def select(case: Case) -> Implementation:
     """The implementation that runs ``case`` under the backend in force."""
     if torch.compiler.is_compiling():
         return _REGISTRY[case.cell][_name_while_compiling(*case)]
+    if torch._C._is_any_autocast_enabled() and case.device_type in ("cpu", "cuda"):
+        # Whether torch's kernel runs can depend on autocast (oneDNN's bf16 LSTM does not).
+        case = case._replace(autocast=torch.is_autocast_enabled(case.device_type))
     return _select(get_backend(), case)
 
 
@@ -144,11 +178,30 @@ def _name_while_compiling(*fields) -> str:
     return _select(get_backend(), Case(*fields)).name
 
 
+# The kernels that failed to run a case under auto (``_with_fallback``); auto skips them.
+_failed: Dict[Case, FrozenSet[str]] = {}
+
+
+def auto_order(case: Case) -> Tuple[str, ...]:
+    """The implementations "auto" tries for ``case``, first to last (the module's doc)."""
+    order = AUTO_ORDER.get(case.device_type, DEFAULT_AUTO_ORDER)
+    if case.device_type == "cuda":
+        from . import calibration  # read on the first CUDA choice, never at import
+
+        faster = calibration.preferred_kernel(case)
+        if faster is not None:
+            order = (faster,) + tuple(name for name in order if name != faster)
+    failed = _failed.get(case)
+    if failed:
+        order = tuple(name for name in order if name not in failed)
+    return order
+
+
 @functools.lru_cache(maxsize=4096)
 def _select(backend: str, case: Case) -> Implementation:
     # Cached: a module call must cost no more than torch.nn's, so the decision is made once
     # per (backend, case). Whether triton imports and whether the interpreter is on do not
-    # change within a process.
+    # change within a process; the calibration table and the native probe are read once.
     impls = _REGISTRY[case.cell]
     if backend != "auto":
         impl = impls.get(backend)
@@ -158,16 +211,67 @@ def _select(backend: str, case: Case) -> Implementation:
                                f"{case.cell}: {reason}")
         return impl
     passed_over = []
-    for name in AUTO_ORDER.get(case.device_type, DEFAULT_AUTO_ORDER):
-        impl = impls[name]
+    chosen = None
+    for name in auto_order(case):
+        impl = impls.get(name)
+        if impl is None:
+            continue
+        if chosen is not None and (impl.recurrence is None or name in KERNELS):
+            continue  # cannot take over a kernel's recurrence (the module's doc)
         reason = impl.supports(case)
-        if reason is None:
-            for skipped, why in passed_over:
-                _log_once(f"lstmgru: {case.cell} not on {skipped!r} ({why}); using {name!r}")
+        if reason is None and impl.probe is not None:
+            reason = impl.probe(case)
+        if reason is not None:
+            if chosen is None:
+                passed_over.append((name, reason))
+            continue
+        if chosen is not None:
+            return replace(chosen, recurrence=_with_fallback(case, chosen, impl))
+        chosen = impl
+        for skipped, why in passed_over:
+            _log_once(f"lstmgru: {case.cell} not on {skipped!r} ({why}); using {name!r}")
+        if name not in KERNELS:
             return impl
-        passed_over.append((name, reason))
+    if chosen is not None:
+        return chosen  # a kernel with nothing to fall back to
     raise RuntimeError(f"no lstmgru implementation can run this {case.cell}: "
                        + "; ".join(f"{n}: {r}" for n, r in passed_over))
+
+
+def _is_launch_failure(error: BaseException) -> bool:
+    """Whether ``error``, raised while one of our kernels ran, is the kernel failing to run
+    (auto falls back) rather than something no implementation would get past."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False  # the next implementation needs the memory too
+    if type(error).__module__.split(".")[0] == "triton":
+        return True  # compilation, resources, launch
+    return isinstance(error, RuntimeError)  # the driver's launch errors, the sync timeout
+
+
+def _with_fallback(case: Case, kernel: Implementation, fallback: Implementation) -> Callable:
+    """``kernel``'s recurrence, finishing on ``fallback``'s where the kernel fails to run. The
+    failure is recorded, so that later choices for ``case`` skip the kernel."""
+    run_kernel, run_fallback = kernel.recurrence, fallback.recurrence
+
+    def recurrence(*args, **kwargs):
+        if kernel.name in _failed.get(case, ()):  # it failed on an earlier layer of this call
+            return run_fallback(*args, **kwargs)
+        try:
+            return run_kernel(*args, **kwargs)
+        except Exception as error:
+            if not _is_launch_failure(error):
+                raise
+            _failed[case] = _failed.get(case, frozenset()) | {kernel.name}
+            _select.cache_clear()
+            later = _select("auto", case).name
+            warnings.warn(f"lstmgru: the {kernel.name!r} kernels failed to run this {case.cell} "
+                          f"(hidden size {case.hidden_size}, batch {case.batch}, {case.dtype}): "
+                          f"{type(error).__name__}: {error}. This call finishes on "
+                          f"{fallback.name!r}; later calls of this case run on {later!r}.",
+                          RuntimeWarning, stacklevel=2)
+        return run_fallback(*args, **kwargs)
+
+    return recurrence
 
 
 @functools.lru_cache(maxsize=None)

@@ -93,7 +93,7 @@ def test_wheel_contents(wheel):
     assert shipped == expected, (f"missing from the wheel: {sorted(expected - shipped)}; "
                                  f"not in the sources: {sorted(shipped - expected)}")
     others = sorted(n for n in names if n.startswith("lstmgru/") and not n.endswith(".py"))
-    assert others == ["lstmgru/py.typed"], others
+    assert others == ["lstmgru/calibration.json", "lstmgru/py.typed"], others
     assert {"lstmgru/__init__.py", "lstmgru/_kernels/__init__.py"} <= names
 
     assert f"{dist_info}licenses/LICENSE" in names

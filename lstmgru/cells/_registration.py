@@ -44,7 +44,7 @@ def register(cells, native, reference_recurrence, family_recurrence, kernel_cell
 
     for cell, native_forward in cells:
         backends.register(cell, backends.Implementation(
-            "native", native.supports, module_forward=native_forward))
+            "native", native.supports, module_forward=native_forward, probe=native.probe))
         backends.register(cell, backends.Implementation(
             "reference", lambda case: None, recurrence=reference_recurrence))
         # "triton" picks the family per call from the cost model; the others name one.

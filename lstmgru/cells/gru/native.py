@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ...backends import Case
-from .._native import variants_reason
+from .._native import probe, variants_reason  # noqa: F401  (probe: auto's check)
 
 
 def supports(case: Case) -> Optional[str]:
