@@ -64,6 +64,8 @@ DEFAULT_AUTO_ORDER = ("native", "reference")
 # Our kernels. A launch of theirs may fail on hardware they have never run on, so auto falls
 # back from them (``_with_fallback``).
 KERNELS = frozenset({"triton", "triton-tiled", "triton-split"})
+# The dtypes autocast computes in: only for these does a case record whether autocast is on.
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 _logger = logging.getLogger("lstmgru")
 _choice: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lstmgru_backend",
@@ -82,7 +84,7 @@ class Case(NamedTuple):
     reset_after: bool = True  # GRU: False is the original GRU, which torch cannot compute
     variants: Tuple[str, ...] = ()  # cell variants in force (names); torch computes none
     transform: str = ""       # "torch.compile" or "torch.func" while one is tracing the call
-    autocast: bool = False    # autocast is on for device_type (``select`` sets it)
+    autocast: bool = False    # float16/bfloat16: autocast is on for device_type (``select``)
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,11 @@ def select(case: Case) -> Implementation:
     """The implementation that runs ``case`` under the backend in force."""
     if torch.compiler.is_compiling():
         return _REGISTRY[case.cell][_name_while_compiling(*case)]
-    if torch._C._is_any_autocast_enabled() and case.device_type in ("cpu", "cuda"):
-        # Whether torch's kernel runs can depend on autocast (oneDNN's bf16 LSTM does not).
+    if case.dtype in _AUTOCAST_DTYPES and torch._C._is_any_autocast_enabled() \
+            and case.device_type in ("cpu", "cuda"):
+        # Whether torch's kernel runs a reduced dtype can depend on autocast (oneDNN's bf16
+        # LSTM does not run under it on CPUs without AVX-512 bf16). Checked in that order
+        # because the dtype test is the cheaper one, and float32 is the common case.
         case = case._replace(autocast=torch.is_autocast_enabled(case.device_type))
     return _select(get_backend(), case)
 
