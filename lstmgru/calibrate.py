@@ -13,8 +13,10 @@ forward under no_grad, and forward plus backward; medians of interleaved runs (t
 rotates every round), CUDA events on the GPU. A kernel whose output disagrees with cuDNN's, or
 which fails or refuses the case, gets no ratio, so auto never prefers it there. The table is
 rewritten after every bucket, so an interrupted run keeps what it measured; ``--max-seconds``
-stops starting buckets after that long. The full default grid compiles many kernels: expect
-tens of minutes on a GPU.
+stops starting buckets after that long. The default grid (3 dtypes x 6 hidden sizes x 4 batch
+sizes x 2 cells, T=256) compiles many kernels: expect tens of minutes on a GPU. It runs the
+most used buckets first (float16, hidden 768, batch 16), so a run cut short has those.
+A bucket torch's kernel cannot run is skipped: auto does not take torch's kernel there anyway.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -59,10 +61,9 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--hidden", nargs="+", type=int, default=None,
                         help="hidden sizes to measure (each stands for its bucket); default: "
-                             "every bucket's representative up to 2048")
+                             "768 1024 512 256 128 2048")
     parser.add_argument("--batch", nargs="+", type=int, default=None,
-                        help="batch sizes to measure; default: every bucket's representative "
-                             "up to 256")
+                        help="batch sizes to measure; default: 16 64 4 256")
     parser.add_argument("--seq-len", type=int, default=None, help="steps per call (256)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (7)")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -70,10 +71,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = DRY_RUN if args.dry_run else dict(
         cells=list(calibration.CELLS), dtypes=["float16", "bfloat16", "float32"],
-        hidden=[calibration.representative(b) for b in calibration.HIDDEN_BUCKETS
-                if b[1] is not None],
-        batch=[calibration.representative(b) for b in calibration.BATCH_BUCKETS
-               if b[1] is not None],
+        hidden=[768, 1024, 512, 256, 128, 2048], batch=[16, 64, 4, 256],
         seq_len=256, repeats=7)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -120,8 +118,9 @@ def _device_fields(device: torch.device) -> Dict[str, object]:
 
 
 def measure(cell: str, dtype: torch.dtype, hidden: int, batch: int, seq_len: int,
-            repeats: int, device: torch.device) -> dict:
-    """One bucket's entry (without the device fields): every contender's medians and ratios."""
+            repeats: int, device: torch.device) -> Tuple[Optional[dict], str]:
+    """One bucket's entry (without the device fields): every contender's medians and ratios;
+    or None and why, where torch's kernel cannot run the bucket (nothing to compare with)."""
     import lstmgru
     from lstmgru import backends
 
@@ -148,7 +147,7 @@ def measure(cell: str, dtype: torch.dtype, hidden: int, batch: int, seq_len: int
             reason = f"{type(error).__name__}: {error}"
         if reason is not None:
             if name == "native":
-                raise RuntimeError(f"torch's kernel cannot run {cell} {dtype}: {reason}")
+                return None, f"torch's kernel cannot run it: {reason}"
             kernels[name] = {"refused": reason}
             continue
         try:
@@ -157,8 +156,8 @@ def measure(cell: str, dtype: torch.dtype, hidden: int, batch: int, seq_len: int
                 training()
                 training()
         except Exception as error:
-            if name == "native":
-                raise
+            if name == "native":  # then auto does not take it either (the native probe)
+                return None, f"torch's kernel failed: {type(error).__name__}: {error}"
             kernels[name] = {"failed": f"{type(error).__name__}: {error}"}
             continue
         if expected is None:
@@ -197,7 +196,7 @@ def measure(cell: str, dtype: torch.dtype, hidden: int, batch: int, seq_len: int
             "measured_at": {"hidden": hidden, "batch": batch, "seq_len": seq_len,
                             "repeats": repeats},
             "native_ms": {k: round(v, 5) for k, v in native.items()},
-            "kernels": kernels}
+            "kernels": kernels}, ""
 
 
 def _write(path: Path, table: dict) -> None:
@@ -250,22 +249,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     started = time.monotonic()
     measured = 0
-    for cell in args.cells:
-        for dtype_name in args.dtypes:
-            for hidden in args.hidden:
-                for batch in args.batch:
-                    if args.max_seconds is not None and \
-                            time.monotonic() - started > args.max_seconds:
-                        print(f"stopping after {args.max_seconds} s ({measured} buckets)",
-                              file=sys.stderr)
-                        return _finish(table, output)
-                    entry = dict(common, **measure(cell, DTYPES[dtype_name], hidden, batch,
-                                                   args.seq_len, args.repeats, device))
-                    table["entries"] = calibration.merge(table["entries"], [entry])
-                    measured += 1
-                    print(_summary_line(entry), flush=True)
-                    if output is not None:
-                        _write(output, table)
+    # The most used buckets first (the defaults' order), so that a run cut short has them.
+    grid = [(cell, dtype_name, hidden, batch) for dtype_name in args.dtypes
+            for hidden in args.hidden for batch in args.batch for cell in args.cells]
+    for cell, dtype_name, hidden, batch in grid:
+        if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+            print(f"stopping after {args.max_seconds} s ({measured} of {len(grid)} buckets)",
+                  file=sys.stderr)
+            break
+        entry, why_not = measure(cell, DTYPES[dtype_name], hidden, batch, args.seq_len,
+                                 args.repeats, device)
+        if entry is None:
+            print(f"{cell:4} {dtype_name:8} H{hidden:<5} B{batch:<4} skipped: {why_not}",
+                  flush=True)
+            continue
+        entry = dict(common, **entry)
+        table["entries"] = calibration.merge(table["entries"], [entry])
+        measured += 1
+        print(_summary_line(entry), flush=True)
+        if output is not None:
+            _write(output, table)
     return _finish(table, output)
 
 

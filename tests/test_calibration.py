@@ -150,8 +150,8 @@ def test_variants_and_the_original_gru_ignore_the_table(table):
     assert _chosen(_cuda("GRU", variants=("layer_norm",))) == "triton"
 
 
-def test_no_calibration_without_one_kind_of_gpu(monkeypatch):
-    # current_gpu() is None without CUDA (here) or with GPUs of different kinds.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks what happens without CUDA")
+def test_no_calibration_without_cuda():
     assert calibration.current_gpu() is None
     assert backends.auto_order(_cuda()) == backends.AUTO_ORDER["cuda"]
 
@@ -302,3 +302,20 @@ def test_calibrate_dry_run_end_to_end(tmp_path):
         assert result["forward_ratio"] > 0 and result["training_ratio"] > 0, result
     # What it wrote is the table auto reads.
     assert calibration.read_file(out) == table["entries"]
+
+
+def test_calibrate_stops_at_its_time_budget_with_a_valid_table(tmp_path):
+    out = tmp_path / "calibration.json"
+    proc = subprocess.run([sys.executable, "-m", "lstmgru.calibrate", "--dry-run",
+                           "--max-seconds", "0", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping after 0.0 s (0 of 2 buckets)" in proc.stderr
+    assert calibration.read_file(out) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU: it would calibrate")
+def test_calibrate_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "-m", "lstmgru.calibrate"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
