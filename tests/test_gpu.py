@@ -94,12 +94,21 @@ def test_deterministic(op):
         assert torch.equal(a, b)
 
 
-def test_auto_uses_kernels_on_cuda():
-    m = lstmgru.GRU(32, 64, device="cuda")
-    before = _launch.launches
-    with lstmgru.use_backend("auto"), torch.no_grad():
-        m(torch.randn(10, 4, 32, device="cuda"))
-    assert _launch.launches - before == 1
+def test_auto_on_cuda_runs_cudnn_until_measured_and_the_kernels_for_what_only_they_compute(
+        monkeypatch, tmp_path):
+    # Without a calibration entry for this GPU (lstmgru.calibration), auto runs cuDNN.
+    from lstmgru import backends, calibration
+
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path))  # no user table
+    calibration.reload()
+    backends._select.cache_clear()
+    x = torch.randn(10, 4, 32, device="cuda")
+    for kw, launches in (({}, 0), ({"reset_after": False}, 1)):
+        m = lstmgru.GRU(32, 64, device="cuda", **kw)
+        before = _launch.launches
+        with lstmgru.use_backend("auto"), torch.no_grad():
+            m(x)
+        assert _launch.launches - before == launches, kw
 
 
 @pytest.mark.parametrize("op,kw", [("LSTM", {}), ("LSTM", {"layer_norm": True}), ("GRU", {}),
