@@ -67,6 +67,7 @@ def test_the_shipped_table_is_empty_and_says_so():
     assert shipped["schema"] == calibration.SCHEMA and shipped["entries"] == []
     assert "Nothing has been measured" in shipped["about"]
     assert shipped["buckets"]["hidden"] == [list(b) for b in calibration.HIDDEN_BUCKETS]
+    assert shipped["buckets"]["batch"] == [list(b) for b in calibration.BATCH_BUCKETS]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
