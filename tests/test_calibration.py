@@ -282,6 +282,7 @@ def test_a_triton_error_counts_as_a_failed_launch():
 
 
 # ---------------------------------------------------------------- the command
+@pytest.mark.slow
 def test_calibrate_dry_run_end_to_end(tmp_path):
     out = tmp_path / "cache" / "calibration.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it sets it
