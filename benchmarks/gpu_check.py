@@ -46,8 +46,10 @@ stage runs at most its own limit and at most what is left; a stage that would ge
 its minimum is recorded as skipped. A stage past its limit gets SIGTERM, then SIGKILL, to its
 whole process group; the next stage runs regardless. Statuses: ok, failed (an exception, a
 non-zero exit, or a failed case), timeout, skipped, absent (the stage's subject is not there,
-e.g. no lstmgru.calibrate), interrupted (the driver itself was stopped). Cases: pass, fail, error, refused, skipped, "not run" (declared,
-but its stage ended first).
+e.g. no lstmgru.calibrate), interrupted (the driver itself was stopped). Cases: pass, fail,
+error, refused, skipped, "not run" (declared, but its stage ended first). Each stage's wall
+seconds and CPU seconds are recorded: on a shared machine the first can be many times the
+second.
 
 Processes: the driver imports torch, lstmgru and triton once (never touching CUDA) and forks
 one child per stage, which starts its own session (process group) and writes to its own output
@@ -1113,7 +1115,8 @@ class Driver:
             entry.update(status="skipped", note="not in GPU_CHECK_STAGES")
             return
         if left < min(stage_.min_s, limit):
-            entry.update(status="skipped", note=f"{max(0, left):.0f}s left, needs {stage_.min_s:.0f}s")
+            entry.update(status="skipped",
+                         note=f"{max(0, left):.0f}s left, needs {stage_.min_s:.0f}s")
             self.say(f"=== {stage_.name}: skipped ({entry['note']})")
             return
         limit = min(limit, left)
@@ -1141,7 +1144,7 @@ class Driver:
             status = "failed"
         else:
             status = results.get("status") or "ok"
-        entry.update(status=status, seconds=seconds, exit=code)
+        entry.update(status=status, seconds=seconds, cpu_s=poll.cpu_s, exit=code)
         if results.get("note"):
             entry["note"] = results["note"]
         if results.get("info") and stage_.name != "env":
@@ -1200,7 +1203,7 @@ class Driver:
                      str(self.work), str(limit)],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     cwd=REPO, start_new_session=True)
-            return proc.pid, proc.poll
+            return proc.pid, _poller(proc.pid, proc)
         pid = os.fork()
         if pid == 0:  # the stage's process
             code = 70
@@ -1219,11 +1222,7 @@ class Driver:
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
-
-        def poll():
-            done, status = os.waitpid(pid, os.WNOHANG)
-            return os.waitstatus_to_exitcode(status) if done else None
-        return pid, poll
+        return pid, _poller(pid)
 
     def _copy_output(self, path: Path, offset: int) -> int:
         """Copy what the stage printed since ``offset`` into the log and onto the console."""
@@ -1283,16 +1282,20 @@ class Driver:
     def report(self) -> str:
         """The compact summary printed last."""
         env = self.summary["environment"]
+        load = None
+        with contextlib.suppress(OSError, AttributeError):
+            load = os.getloadavg()[0]
         lines = ["", "=" * 78,
                  f"gpu_check summary{' (DRY RUN: tiny shapes on the CPU)' if DRY_RUN else ''}: "
                  f"{env.get('device', '?')} | torch {env.get('torch')} | triton "
                  f"{env.get('triton')} | cuDNN {env.get('cudnn')} | {env.get('commit')} | "
                  f"{env.get('date')}",
-                 f"{'stage':12s} {'status':9s} {'seconds':>8s}  cases"]
+                 f"{'stage':12s} {'status':9s} {'seconds':>8s} {'cpu s':>6s}  cases"]
         for s in self.summary["stages"]:
             seconds = f"{s['seconds']:.1f}" if s.get("seconds") is not None else "-"
+            cpu = f"{s['cpu_s']:.1f}" if s.get("cpu_s") is not None else "-"
             detail = _compact(s.get("cases") or {}) or s.get("note", "")
-            lines.append(f"{s['name']:12s} {s['status']:9s} {seconds:>8s}  {detail}")
+            lines.append(f"{s['name']:12s} {s['status']:9s} {seconds:>8s} {cpu:>6s}  {detail}")
         headline = {c["name"]: c for c in self.summary["cases"] if c["stage"] == "headline"}
         for mode in MODES:
             parts = []
@@ -1323,8 +1326,24 @@ class Driver:
                      + ("" if len(files) <= MAX_OUTDIR_FILES
                         else f"  MORE THAN {MAX_OUTDIR_FILES}"))
         lines.append(f"first block {self.summary.get('first_block_s', '-')}s, total "
-                     f"{self.elapsed():.0f}s of {self.total_s:.0f}s")
+                     f"{self.elapsed():.0f}s of {self.total_s:.0f}s, load average {load}")
         return "\n".join(lines)
+
+
+def _poller(pid: int, proc: subprocess.Popen = None):
+    """poll() for a child: its exit status once it has ended (negative: the signal that killed
+    it), else None; ``poll.cpu_s`` is then the CPU time it used (not its own children's)."""
+    def poll():
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if not done:
+            return None
+        poll.cpu_s = round(usage.ru_utime + usage.ru_stime, 1)
+        code = os.waitstatus_to_exitcode(status)
+        if proc is not None:
+            proc.returncode = code  # reaped here, not by Popen
+        return code
+    poll.cpu_s = None
+    return poll
 
 
 def _signal_group(pid: int, sig) -> None:
@@ -1343,7 +1362,8 @@ def main(argv=None) -> int:
         return _child(next(s for s in STAGES if s.name == name), work, limit)
     if argv[:1] == ["--list"]:
         for s in STAGES:
-            print(f"{s.name:12s} {s.block:6s} limit {s.limit_s:.0f}s (dry run {s.dry_limit_s:.0f}s)")
+            print(f"{s.name:12s} {s.block:6s} limit {s.limit_s:.0f}s "
+                  f"(dry run {s.dry_limit_s:.0f}s)")
         return 0
     if len(argv) != 1:
         print("usage: gpu_check.py OUTDIR | --list (normally run through gpu_check.sh)",
