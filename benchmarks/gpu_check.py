@@ -1079,7 +1079,7 @@ class Driver:
     def say(self, text: str) -> None:
         self.log.write(text + "\n")
         self.log.flush()
-        print(text, flush=True)
+        _console(text + "\n")
 
     def elapsed(self) -> float:
         return round(time.monotonic() - (self.deadline - self.total_s), 1)
@@ -1241,8 +1241,7 @@ class Driver:
             text = data.decode("utf-8", "replace")
             self.log.write(text)
             self.log.flush()
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            _console(text)
         return offset + len(data)
 
     # --- the whole run --------------------------------------------------------------------
@@ -1289,7 +1288,7 @@ class Driver:
         env = self.summary["environment"]
         load = None
         with contextlib.suppress(OSError, AttributeError):
-            load = os.getloadavg()[0]
+            load = round(os.getloadavg()[0], 2)
         lines = ["", "=" * 78,
                  f"gpu_check summary{' (DRY RUN: tiny shapes on the CPU)' if DRY_RUN else ''}: "
                  f"{env.get('device', '?')} | torch {env.get('torch')} | triton "
@@ -1312,7 +1311,7 @@ class Driver:
                     parts.append(f"{name} {c['ms']:.3f} ms{ratio}{ran}")
                 elif c:
                     parts.append(f"{name} {c['status']}")
-            if parts:
+            if any(" ms" in part for part in parts):
                 lines.append(f"headline {mode}: " + " | ".join(parts))
         barrier = [c for c in self.summary["cases"] if c["stage"] == "barrier"
                    and "us_per_sync" in c]
@@ -1333,6 +1332,15 @@ class Driver:
         lines.append(f"first block {self.summary.get('first_block_s', '-')}s, total "
                      f"{self.elapsed():.0f}s of {self.total_s:.0f}s, load average {load}")
         return "\n".join(lines)
+
+
+def _console(text: str) -> None:
+    """Echo to stdout; a console that went away (a closed pipe) leaves the log to carry on."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
 
 
 def _poller(pid: int, proc: subprocess.Popen = None):

@@ -8,9 +8,11 @@
 # says what is in them, which stages run, and the knobs). This wrapper only makes the package
 # importable and starts the driver:
 #   - already installed from this checkout: used as it is;
-#   - else `pip install --no-deps --no-build-isolation --no-index -e .` (nothing is downloaded);
-#   - if that fails, or GPU_CHECK_INSTALL=checkout: run from the checkout, through PYTHONPATH and
-#     a temporary folder that maps lstmgru._kernels onto kernels/ (as the install does).
+#   - else `pip install --no-deps --no-build-isolation --no-index -e .` (nothing is downloaded;
+#     not in a dry run, which leaves the environment as it is);
+#   - if that fails, in a dry run, or with GPU_CHECK_INSTALL=checkout: run from the checkout,
+#     through PYTHONPATH and a temporary folder that maps lstmgru._kernels onto kernels/ (as
+#     the install does).
 # The install output goes into the log; how the package was found is recorded in summary.json.
 # GPU_CHECK_PYTHON picks the interpreter (default python3).
 # Exit status: 0 when every stage ended ok (or skipped / absent), 1 otherwise, 2 on bad usage.
@@ -43,19 +45,18 @@ EOF
 }
 
 SHADOW=""
-note=""
-case ${GPU_CHECK_INSTALL:-auto} in
-    checkout) note="pip install not tried (GPU_CHECK_INSTALL=checkout)" ;;
-    *)
-        if imports_from_checkout; then
-            note="already installed from this checkout"
-        elif "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1 \
-                && imports_from_checkout; then
-            note="installed: pip install --no-deps --no-build-isolation --no-index -e ."
-        else
-            note="pip install -e . failed (see the log)"
-        fi ;;
-esac
+if [[ ${GPU_CHECK_INSTALL:-auto} == checkout ]]; then
+    note="pip install not tried (GPU_CHECK_INSTALL=checkout)"
+elif imports_from_checkout; then
+    note="already installed from this checkout"
+elif [[ ${GPU_CHECK_DRY_RUN:-0} != 0 ]]; then
+    note="pip install not tried (dry run: the environment is left as it is)"
+elif "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1 \
+        && imports_from_checkout; then
+    note="installed: pip install --no-deps --no-build-isolation --no-index -e ."
+else
+    note="pip install -e . failed (see the log)"
+fi
 if [[ $note != already* && $note != installed* ]]; then
     # lstmgru from the checkout, and lstmgru._kernels -> kernels/ (a bare PYTHONPATH lacks it).
     SHADOW=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check-path.XXXXXX")
