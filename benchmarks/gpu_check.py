@@ -83,7 +83,6 @@ import dataclasses
 import datetime as _dt
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -550,8 +549,10 @@ def _correctness_cell(ctx: Context, cell: str, shape_name: str, shape: dict) -> 
         oracle, oracle_backend = torch_model(torch.float64), None
     # Inputs drawn in float64, rounded once to the dtype; everyone starts from those values.
     gen = torch.Generator(device="cpu").manual_seed(T + B + H)
+
     def draw(*size):
         return torch.randn(*size, generator=gen, dtype=torch.float64).to(device, dtype).double()
+
     x = draw(T, B, I)
     hx = tuple(draw(directions, B, H) for _ in range(2 if cls_name == "LSTM" else 1))
     lengths = None
