@@ -22,6 +22,7 @@ warp count the kernels use there.
 """
 import argparse
 import datetime
+import inspect
 import json
 import sys
 
@@ -29,18 +30,26 @@ import torch
 import triton
 import triton.language as tl
 
-from lstmgru._kernels import _launch
+from lstmgru._kernels import _launch, split
 from lstmgru._kernels.split import _FLAG_STRIDE, _MAX_SPINS, _publish, _wait
+
+# Where the split kernels' wait takes a poll form (the POLL constexpr: an acquire-load spin on
+# the GPU, acquire atomics in the interpreter), the benchmark passes the one the kernels use,
+# so that it measures their own poll.
+_WAIT_TAKES_POLL = "POLL" in inspect.signature(getattr(_wait, "fn", _wait)).parameters
 
 
 @triton.jit
 def _flags_kernel(flag_ptr, err_ptr, rounds, max_spins, P, FLAG_STRIDE: tl.constexpr,
-                  P_PAD: tl.constexpr):
+                  P_PAD: tl.constexpr, WAIT_TAKES_POLL: tl.constexpr, POLL: tl.constexpr):
     pid = tl.program_id(0)
     spins = max_spins
     for r in range(1, rounds + 1):
         _publish(flag_ptr, pid, FLAG_STRIDE)
-        spins = _wait(flag_ptr, 0, P, r, spins, err_ptr, r, FLAG_STRIDE, P_PAD)
+        if WAIT_TAKES_POLL:  # a compile-time choice: only one of the calls is compiled
+            spins = _wait(flag_ptr, 0, P, r, spins, err_ptr, r, FLAG_STRIDE, P_PAD, POLL)
+        else:
+            spins = _wait(flag_ptr, 0, P, r, spins, err_ptr, r, FLAG_STRIDE, P_PAD)
 
 
 @triton.jit
@@ -71,6 +80,8 @@ def run(scheme: str, programs: int, rounds: int, device, num_warps: int = 4) -> 
         state = torch.zeros(programs, _FLAG_STRIDE, dtype=torch.int32, device=device)
         _launch.launch(_flags_kernel, (programs,), state, err, rounds, _MAX_SPINS, programs,
                        FLAG_STRIDE=_FLAG_STRIDE, P_PAD=triton.next_power_of_2(programs),
+                       WAIT_TAKES_POLL=_WAIT_TAKES_POLL,
+                       POLL=split._poll_form() if _WAIT_TAKES_POLL else 0,
                        num_warps=num_warps, **meta)
     else:
         state = torch.zeros(1, dtype=torch.int32, device=device)
