@@ -157,10 +157,8 @@ def test_deterministic(op):
         assert torch.equal(a, b)
 
 
-def test_auto_runs_the_original_gru_on_the_kernels():
-    """cuDNN cannot compute reset_after=False: auto runs it on the kernels, in one launch (the
-    alternative is a per-step Python loop)."""
-    m = lstmgru.GRU(32, 64, reset_after=False, device="cuda")
+def test_auto_uses_kernels_on_cuda():
+    m = lstmgru.GRU(32, 64, device="cuda")
     before = _launch.launches
     with lstmgru.use_backend("auto"), torch.no_grad():
         m(torch.randn(10, 4, 32, device="cuda"))
