@@ -856,8 +856,9 @@ def _junit_cases(xml: Path) -> list:
 
 
 # About 10 configs per family: the published point, both cells and the original GRU, each
-# dtype, batch 1 to 256, and shapes the split family refuses today (B256 H512 half, B128 H512
-# fp32), which are recorded as refused. (op, mode, dtype, batch, hidden); T = 512, I = H.
+# dtype, batch 1 to 256, and wide batch tiles at the edge of the split family's layouts (B256
+# H512 half, B128 H512 fp32). A config a family refuses is recorded as refused.
+# (op, mode, dtype, batch, hidden); T = 512, I = H.
 GRID = [
     ("lstm", "inference", "float16", 16, 768),
     ("lstm", "training", "bfloat16", 16, 512),
