@@ -265,13 +265,25 @@ def git_commit() -> str:
 
 
 def tf32_flags() -> dict:
-    flags = {
-        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-    }
-    # newer torch also has fp32_precision knobs; record them when present
-    for key, obj in (("cuda_matmul_fp32_precision", torch.backends.cuda.matmul),
-                     ("cudnn_fp32_precision", torch.backends.cudnn)):
+    """Every TF32 setting torch has, read without raising.
+
+    torch >= 2.9 keeps an fp32 precision per backend and op (``fp32_precision``: "ieee",
+    "tf32" or "none", which inherits); cuDNN's RNN obeys ``torch.backends.cudnn.rnn``'s. The
+    legacy ``cudnn.allow_tf32`` getter raises RuntimeError once the RNN and convolution
+    settings differ, so it is recorded as the error it raised."""
+    flags = {}
+    for key, read in (("cuda_matmul_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
+                      ("cudnn_allow_tf32", lambda: torch.backends.cudnn.allow_tf32)):
+        try:
+            flags[key] = bool(read())
+        except RuntimeError as error:
+            flags[key] = f"raises: {str(error).splitlines()[0][:120]}"
+    backends = torch.backends
+    for key, obj in (("fp32_precision", backends),
+                     ("cuda_matmul_fp32_precision", backends.cuda.matmul),
+                     ("cudnn_fp32_precision", backends.cudnn),
+                     ("cudnn_rnn_fp32_precision", getattr(backends.cudnn, "rnn", None)),
+                     ("cudnn_conv_fp32_precision", getattr(backends.cudnn, "conv", None))):
         val = getattr(obj, "fp32_precision", None)
         if isinstance(val, str):
             flags[key] = val
@@ -476,6 +488,29 @@ class _Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+def measure_interleaved(contenders: dict, timer: _Timer, budget: float, warmup: int,
+                        min_rounds: int, max_rounds: int) -> dict:
+    """Milliseconds of each contender's calls, {name: [ms, ...]}, from interleaved rounds.
+
+    ``contenders`` maps a name to ``(step, reset)``; each has been called once already
+    (compiled, allocated). Timed warm-up rounds come first, the last of them the cost
+    estimate (cut short for expensive contenders); then as many rounds as ``budget`` seconds
+    allow, within ``min_rounds`` .. ``max_rounds``, each calling every contender once in turn."""
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup - 1)):
+        est = {name: timer.time(st, rs) for name, (st, rs) in contenders.items()}
+        if time.perf_counter() - t0 > 0.25 * budget:
+            break
+    round_ms = max(1e-3, sum(est.values()))
+    rounds = max(min_rounds, min(max_rounds, int(budget * 1e3 / round_ms)))
+
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):  # interleaved: ours, baseline, ours, baseline, ...
+        for name, (step, reset) in contenders.items():
+            times[name].append(timer.time(step, reset))
+    return times
+
+
 def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) -> dict:
     dtype = DTYPES[c["dtype"]]
     ours, ref = _make_pair(lstmgru, c, device, dtype, args.seed)
@@ -500,20 +535,9 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
         max_abs_diff = None  # JSON has no NaN
     del out_ours, out_base
 
-    # timed warm-up rounds, the last one is the cost estimate; cut short for expensive configs
-    t0 = time.perf_counter()
-    for _ in range(max(1, args.warmup - 1)):
-        est = {name: timer.time(st, rs) for name, (st, rs) in contenders.items()}
-        if time.perf_counter() - t0 > 0.25 * budget:
-            break
-    round_ms = max(1e-3, sum(est.values()))
-    rounds = int(budget * 1e3 / round_ms)
-    rounds = max(args.min_rounds, min(args.max_rounds, rounds))
-
-    times = {"ours": [], "baseline": []}
-    for _ in range(rounds):  # interleaved: ours, baseline, ours, baseline, ...
-        for name, (step, reset) in contenders.items():
-            times[name].append(timer.time(step, reset))
+    times = measure_interleaved(contenders, timer, budget, args.warmup, args.min_rounds,
+                                args.max_rounds)
+    rounds = len(times["ours"])
 
     ours_ms = round(statistics.median(times["ours"]), 6)
     base_ms = round(statistics.median(times["baseline"]), 6)

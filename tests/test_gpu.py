@@ -1,5 +1,11 @@
 """GPU checks of the Triton kernels (skipped without CUDA): against an fp64 reference and
-against cuDNN, long sequences, and run-to-run determinism."""
+against cuDNN, long sequences, and run-to-run determinism.
+
+fp32 runs with IEEE products (``_ieee_fp32_products``): torch's default lets cuDNN's RNN, and so
+the kernels, use TF32, whose ~1e-3 errors would swamp fp32 tolerances. One test runs TF32 on
+purpose, with its own tolerance."""
+import contextlib
+
 import pytest
 import torch
 
@@ -8,6 +14,35 @@ from lstmgru._kernels import _launch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@contextlib.contextmanager
+def fp32_precision(precision):
+    """fp32 products in ``precision`` ("ieee" or "tf32") inside the block, through the API this
+    torch has: ``torch.backends.cudnn.rnn.fp32_precision`` (torch >= 2.9, what cuDNN's RNN and
+    the kernels follow; the legacy getter raises once it differs from the conv setting), else
+    ``torch.backends.cudnn.allow_tf32``. Restored afterwards."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is not None and isinstance(getattr(rnn, "fp32_precision", None), str):
+        saved = rnn.fp32_precision
+        rnn.fp32_precision = precision
+        try:
+            yield
+        finally:
+            rnn.fp32_precision = saved
+    else:
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_products():
+    with fp32_precision("ieee"):
+        yield
 
 
 def _models(op, I, H, dtype, **kwargs):
@@ -47,6 +82,34 @@ def test_fp32_tight(op, B, H):
     assert _err(y, y64) < 1e-4
     for g, g64 in zip(grads, grads64):
         assert _err(g, g64) < 1e-3 * max(1.0, g64.abs().max().item())
+
+
+# TF32 keeps 10 of fp32's 23 mantissa bits: every operand of the recurrent product is rounded
+# by up to 2^-11 (4.9e-4) relative. Summed over H = 256 terms of random sign and carried through
+# 64 steps, that gives output errors around 1e-3 (a review reported about 8e-4 for such tests).
+# 4e-3 is four times that, still far below what a wrong index or a race gives (order 1e-1).
+# Gradients (relative to their largest value) pass through the same rounding once more.
+TF32_OUT_TOL, TF32_GRAD_TOL = 4e-3, 1e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+                    reason="TF32 needs an Ampere or newer GPU")
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_fp32_with_tf32_products(op):
+    """Allowing TF32 through torch's API reaches the kernels: the products change, within
+    TF32's own tolerance of float64."""
+    torch.manual_seed(8)
+    ours, _, exact = _models(op, 256, 256, torch.float32)
+    x = torch.randn(64, 16, 256, device="cuda")
+    with lstmgru.use_backend("triton"):
+        y_ieee, _ = _forward_backward(ours, x)
+        with fp32_precision("tf32"):
+            y, grads = _forward_backward(ours, x)
+    y64, grads64 = _forward_backward(exact, x.double())
+    assert not torch.equal(y, y_ieee), "TF32 was allowed but the kernels' products did not change"
+    assert _err(y, y64) < TF32_OUT_TOL
+    for g, g64 in zip(grads, grads64):
+        assert _err(g, g64) < TF32_GRAD_TOL * max(1.0, g64.abs().max().item())
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
