@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backends
 from . import onnx as _onnx
 from ._sequence import Lengths
+from ._torchscript import refuse_torchscript
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
 from .cells import variants as cell_variants
@@ -173,6 +174,8 @@ class _RNNBase(nn.Module):
     check_hidden_size = nn.RNNBase.check_hidden_size
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
+    # torch.jit.script calls this first: a clear error instead of a cryptic one
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -642,6 +645,7 @@ class _CellBase(nn.Module):
     mode: str
     reset_after = True  # as in _RNNBase
     layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
+    __prepare_scriptable__ = refuse_torchscript  # as in _RNNBase
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
