@@ -1,0 +1,55 @@
+"""benchmarks/bench.py's output: where it writes by default, what it says ran on each side, and
+the figure's shared ratio axis."""
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks" / "bench.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_default_output_folder_is_git_ignored():
+    """The main job leaves a clone clean: its default folder is ignored by git."""
+    bench = _load_bench()
+    out = bench.parse_args([]).out_dir
+    assert out == REPO / "benchmarks" / "runs"
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = out.relative_to(REPO) / "cpu-20260101-000000.png"
+    proc = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=REPO)
+    assert proc.returncode == 0, f"{probe} is not ignored by git"
+
+
+def test_what_ran_says_which_kernel_each_side_ran():
+    bench = _load_bench()
+    records = [
+        {"op": "lstm", "ours_impl": "mkldnn", "baseline_impl": "mkldnn"},
+        {"op": "gru", "ours_impl": "native", "baseline_impl": "native"},
+        {"op": "gru_original", "ours_impl": "lstmgru-reference", "baseline_impl": "native"},
+        {"op": "gru", "ours_impl": "native", "baseline_impl": "native"},
+    ]
+    lines = bench.what_ran(records)
+    assert lines[0].startswith("lstm: both sides run oneDNN's LSTM, the same kernel")
+    assert lines[1].startswith("gru: both sides run ATen's own loop, the same kernel")
+    assert lines[2].startswith("gru_original: lstmgru's GRU(reset_after=False) on lstmgru's "
+                               "plain-PyTorch reference vs torch.nn's GRU on ATen's own loop")
+    assert len(lines) == 3
+
+
+def test_ratio_axis_is_shared_labelled_and_never_magnifies_a_small_gap():
+    bench = _load_bench()
+    lo, hi, ticks = bench.ratio_axis([0.97, 1.03])
+    assert lo <= 1 / 1.5 and hi >= 1.5  # a 3% gap stays small on the page
+    assert 1.0 in ticks and len(ticks) >= 3
+    lo, hi, ticks = bench.ratio_axis([0.05, 4.0])
+    assert lo < 0.05 and hi > 4.0
+    assert {0.1, 1.0, 2.0} <= set(ticks) and 1.25 not in ticks  # a wide span: coarse ticks only
