@@ -719,7 +719,7 @@ def render_plot(meta: dict, records: list[dict], path: Path) -> bool:
     modes = list(dict.fromkeys(r["mode"] for r in records))
     groups = _group(records, ("op", "mode"))
     annotate = len(shapes) <= 12  # the value over each bar, where there is room for it
-    lo, hi, ticks = ratio_axis([r["speedup"] for r in records], headroom=1.3 if annotate else 1.1)
+    lo, hi, ticks = ratio_axis([r["speedup"] for r in records], headroom=1.4 if annotate else 1.1)
 
     label_inches = 0.075 * max(len(s) for s in shapes) + 0.3  # 9-pt labels, rotated
     panel_w = max(4.0, 0.32 * len(shapes) + 1.0)
@@ -739,7 +739,7 @@ def render_plot(meta: dict, records: list[dict], path: Path) -> bool:
             ax.axhline(1.0, color="black", linewidth=1.2)
             if annotate:
                 for x, v in zip(pos, sp):
-                    ax.annotate(f"{v:.2f}", (x, v), xytext=(0, 2 if v >= 1 else -2),
+                    ax.annotate(f"{v:.2f}" if v < 10 else f"{v:.3g}", (x, v), xytext=(0, 2 if v >= 1 else -2),
                                 textcoords="offset points", ha="center",
                                 va="bottom" if v >= 1 else "top", fontsize=8)
             title = f"{op} {mode}"
@@ -766,12 +766,16 @@ def render_plot(meta: dict, records: list[dict], path: Path) -> bool:
 
     baseline = "cuDNN" if meta.get("device_type") == "cuda" else "torch.nn's CPU kernels"
     lines = [f"lstmgru (backend {meta.get('backend')}) vs torch.nn ({baseline}) on "
-             f"{meta['device']}, same weights and inputs: above 1x lstmgru is faster"]
+             f"{meta['device']}, same weights and inputs; above 1x: lstmgru faster"]
     lines += what_ran(records, short=True)
     lines.append(f"torch {meta['torch']}, triton {meta['triton']}, cuDNN {meta['cudnn']}; "
                  f"{meta['commit']}, {meta['date']}; load average {meta.get('loadavg_start')} "
                  f"at the start")
-    width = int(fig_w * 13)  # characters of 9-pt text across the figure
+    load = meta.get("loadavg_end")
+    if meta.get("device_type") == "cpu" and load and load[0] > (os.cpu_count() or 1):
+        lines.append(f"BUSY MACHINE: load average {load[0]} on {os.cpu_count()} cores at the end; "
+                     "these CPU timings are unreliable")
+    width = int(fig_w * 15)  # characters of 9-pt text across the figure
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -838,6 +842,9 @@ def parse_args(argv=None):
     o.add_argument("--name", default=None, help="file stem (default: DEVICE-YYYYmmdd-HHMMSS)")
     o.add_argument("--no-plot", action="store_true", help="skip the PNG")
     o.add_argument("--list", action="store_true", help="print the configs and exit")
+    o.add_argument("--replot", type=Path, metavar="JSON",
+                   help="write the Markdown and the PNG of a saved result again, next to its "
+                        "JSON, and exit (nothing is timed)")
     return p.parse_args(argv)
 
 
@@ -849,8 +856,21 @@ def _on_sigterm(signum, frame):
     raise _Stop(f"signal {signum}")
 
 
+def replot(json_path: Path, plot: bool) -> int:
+    data = json.loads(json_path.read_text())
+    meta, records = data["meta"], data["records"]
+    md = render_markdown(meta, records)
+    json_path.with_suffix(".md").write_text(md)
+    if plot:
+        render_plot(meta, records, json_path.with_suffix(".png"))
+    sys.stdout.write(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot, not args.no_plot)
     preset = PRESETS[args.preset]
     budget = args.budget if args.budget is not None else preset["budget"]
     total_budget = args.total_budget if args.total_budget is not None else preset["total_budget"]

@@ -53,3 +53,29 @@ def test_ratio_axis_is_shared_labelled_and_never_magnifies_a_small_gap():
     lo, hi, ticks = bench.ratio_axis([0.05, 4.0])
     assert lo < 0.05 and hi > 4.0
     assert {0.1, 1.0, 2.0} <= set(ticks) and 1.25 not in ticks  # a wide span: coarse ticks only
+
+
+def test_replot_writes_the_markdown_and_figure_of_a_saved_result(tmp_path):
+    """--replot renders a saved result again (as after a change to the figure), timing nothing."""
+    import json
+    import sys
+
+    meta = {"device": "test CPU", "torch": "x", "triton": None, "cudnn": None, "commit": "abc",
+            "date": "2026-01-01T00:00:00+00:00", "device_type": "cpu", "backend": "auto",
+            "loadavg_start": [0.1, 0.1, 0.1], "loadavg_end": [0.1, 0.1, 0.1]}
+    base = {"dtype": "float32", "batch": 2, "seq_len": 5, "input_size": 4, "hidden_size": 8,
+            "num_layers": 1, "bidirectional": False, "baseline": "torch-cpu",
+            "max_abs_diff": 0.0}
+    records = [dict(base, op=op, mode=mode, ours_ms=1.0, baseline_ms=s, speedup=s,
+                    ours_impl=impl, baseline_impl=impl)
+               for op, impl in (("lstm", "mkldnn"), ("gru", "native"))
+               for mode, s in (("inference", 0.97), ("training", 1.03))]
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"meta": meta, "records": records}))
+    proc = subprocess.run([sys.executable, str(BENCH), "--replot", str(saved)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "r.md").read_text()
+    assert "lstm: both sides run oneDNN's LSTM, the same kernel" in md and md == proc.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "r.png").stat().st_size > 0
