@@ -739,7 +739,8 @@ def render_plot(meta: dict, records: list[dict], path: Path) -> bool:
             ax.axhline(1.0, color="black", linewidth=1.2)
             if annotate:
                 for x, v in zip(pos, sp):
-                    ax.annotate(f"{v:.2f}" if v < 10 else f"{v:.3g}", (x, v), xytext=(0, 2 if v >= 1 else -2),
+                    ax.annotate(f"{v:.2f}" if v < 10 else f"{v:.3g}", (x, v),
+                                xytext=(0, 2 if v >= 1 else -2),
                                 textcoords="offset points", ha="center",
                                 va="bottom" if v >= 1 else "top", fontsize=8)
             title = f"{op} {mode}"
