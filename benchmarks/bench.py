@@ -677,9 +677,10 @@ def render_markdown(meta: dict, records: list[dict]) -> str:
 
 # Labelled ticks of the ratio axis, and the span it always shows at least: on a log axis a 3%
 # gap must look like 3%, not fill the panel.
-RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 5.0, 10.0, 20.0,
-               50.0, 100.0)
-FINE_TICKS = (0.67, 0.8, 1.25, 1.5)  # dropped when the span is wide
+RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0,
+               4.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+FINE_TICKS = (0.67, 0.8, 1.25, 1.5)  # dropped when the span is wider than 10x
+MEDIUM_TICKS = (0.25, 0.33, 3.0, 4.0)  # dropped when it is wider than 100x
 MIN_RATIO_SPAN = (1 / 1.5, 1.5)
 
 
@@ -690,6 +691,8 @@ def ratio_axis(ratios, headroom: float = 1.1) -> tuple[float, float, list[float]
     ticks = [t for t in RATIO_TICKS if lo <= t <= hi]
     if hi / lo > 10:
         ticks = [t for t in ticks if t not in FINE_TICKS]
+    if hi / lo > 100:
+        ticks = [t for t in ticks if t not in MEDIUM_TICKS]
     return lo, hi, ticks
 
 

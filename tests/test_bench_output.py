@@ -52,7 +52,9 @@ def test_ratio_axis_is_shared_labelled_and_never_magnifies_a_small_gap():
     assert 1.0 in ticks and len(ticks) >= 3
     lo, hi, ticks = bench.ratio_axis([0.05, 4.0])
     assert lo < 0.05 and hi > 4.0
-    assert {0.1, 1.0, 2.0} <= set(ticks) and 1.25 not in ticks  # a wide span: coarse ticks only
+    assert {0.1, 1.0, 2.0} <= set(ticks) and 1.25 not in ticks  # a wide span: coarser ticks
+    lo, hi, ticks = bench.ratio_axis([0.3, 3.2], headroom=1.4)
+    assert min(ticks) <= 0.3 and max(ticks) >= 3.0  # labels reach the tallest bars
 
 
 def test_replot_writes_the_markdown_and_figure_of_a_saved_result(tmp_path):
