@@ -36,6 +36,8 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 
 def test_readme_links_and_images_exist():
+    if not (ROOT / "docs").is_dir():
+        pytest.skip("not a source checkout (an sdist carries no docs/, benchmarks/, examples/)")
     targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
     local = [t for t in targets if "://" not in t]
     assert local, "no links found"
