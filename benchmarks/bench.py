@@ -9,7 +9,7 @@ baseline, ...) for N rounds and report the median of each. Every timed region ho
 of one contender: perf_counter on CPU, a CUDA event pair with a synchronize on each side on CUDA.
 N adapts to the cost of one round and the per-config time budget.
 
-Outputs (in --out-dir, file stem --name):
+Outputs (in --out-dir, default benchmarks/runs/, which git ignores; file stem --name):
   NAME.json  {"meta": {...}, "records": [...]}, rewritten after every config so that a killed run
              still leaves its finished records behind
   NAME.md    one row per record + geometric-mean / worst-case summary (also printed to stdout)
@@ -38,13 +38,16 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
+# Git-ignored, so that a run leaves a clone clean; results meant to be kept are written to
+# benchmarks/results/ with --out-dir and committed.
+DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "runs"
 
 META_KEYS = ("device", "torch", "triton", "cudnn", "commit", "date")
 RECORD_KEYS = (
@@ -383,11 +386,14 @@ def build_configs(args, device: torch.device) -> list[dict]:
 # one config
 # ---------------------------------------------------------------------------------------------
 def _call_noting_rnn_impl(fn):
-    """Run fn() once and return (its result, which ATen RNN kernel ran: "cudnn", "mkldnn", "native").
+    """Run fn() once and return (its result, which RNN implementation ran): torch's "cudnn",
+    "mkldnn" or "native" (ATen's own loop), or lstmgru's "lstmgru-reference" or
+    "lstmgru-triton".
 
     torch silently leaves cuDNN for cases it does not accept (e.g. bf16 on older cuDNN); a
-    baseline named "cudnn" that is not cuDNN must at least be visible in the record. The ops
-    are seen through a TorchDispatchMode, on the (untimed) first call of the baseline."""
+    baseline named "cudnn" that is not cuDNN must at least be visible in the record, and so
+    must what lstmgru's `auto` chose. The ops are seen through a TorchDispatchMode, on the
+    (untimed) first call of each contender."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Ops(TorchDispatchMode):
@@ -396,15 +402,19 @@ def _call_noting_rnn_impl(fn):
             self.names = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.overloadpacket.__name__)
+            self.names.add(f"{func.namespace}::{func.overloadpacket.__name__}")
             return func(*args, **(kwargs or {}))
 
     try:
         with _Ops() as ops:
             out = fn()
     except Exception as exc:  # diagnostics only: the call is repeated without the mode below
-        note(f"could not trace the baseline's kernels ({type(exc).__name__}: {exc})")
+        note(f"could not trace the RNN kernels ({type(exc).__name__}: {exc})")
         return fn(), "unknown"
+    ours = [n for n in ops.names if n.startswith("lstmgru::")]
+    if ours:
+        return out, ("lstmgru-reference" if any("reference" in n for n in ours)
+                     else "lstmgru-triton")
     if any("cudnn_rnn" in n for n in ops.names):
         return out, "cudnn"
     if any("mkldnn_rnn" in n for n in ops.names):
@@ -526,7 +536,8 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
     # first call of each: compiles / autotunes / allocates; untimed, also checks the outputs agree
     (step, reset), (bstep, breset) = contenders["ours"], contenders["baseline"]
     reset()
-    out_ours = step().detach()
+    out_ours, ours_impl = _call_noting_rnn_impl(step)
+    out_ours = out_ours.detach()
     breset()
     out_base, baseline_impl = _call_noting_rnn_impl(bstep)
     max_abs_diff = (out_ours.float() - out_base.detach().float()).abs().max().item()
@@ -554,6 +565,7 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
         baseline_ms_min=round(min(times["baseline"]), 6),
         max_abs_diff=max_abs_diff,
         baseline_impl=baseline_impl,
+        ours_impl=ours_impl,
     )
     return record
 
@@ -573,8 +585,45 @@ def _group(records, keys):
     return groups
 
 
-def _fmt_diff(v) -> str:
+def _fmt_diff(r: dict) -> str:
+    if r["op"] == "gru_original":
+        return "n/a"  # another function than the baseline's (see _DIFF_NOTE)
+    v = r["max_abs_diff"]
     return "non-finite" if v is None else f"{v:.2e}"
+
+
+_DIFF_NOTE = ("max abs diff: between the two contenders' outputs, where both compute the same "
+              "function. `gru_original` is the original GRU (`reset_after=False`), which "
+              "torch.nn cannot compute: it is timed against torch's GRU of the same size, and "
+              "its outputs are checked against a float64 spec by the tests "
+              "(`tests/test_article_gru.py`), not here.")
+
+# What the recorded implementation names mean, for people
+IMPL_NAMES = {
+    "mkldnn": "oneDNN's LSTM", "cudnn": "cuDNN", "native": "ATen's own loop",
+    "lstmgru-reference": "lstmgru's plain-PyTorch reference",
+    "lstmgru-triton": "lstmgru's Triton kernels", "unknown": "(not recorded)",
+}
+
+
+def what_ran(records: list[dict], short: bool = False) -> list[str]:
+    """One line per op: which implementation each contender ran (the records say)."""
+    lines = []
+    for (op,), rs in _group(records, ("op",)).items():
+        ours = sorted({r.get("ours_impl", "unknown") for r in rs})
+        base = sorted({r.get("baseline_impl", "unknown") for r in rs})
+        ours_s = " / ".join(IMPL_NAMES.get(i, i) for i in ours)
+        base_s = " / ".join(IMPL_NAMES.get(i, i) for i in base)
+        if op == "gru_original":
+            lines.append(f"{op}: lstmgru's GRU(reset_after=False) on {ours_s} vs torch.nn's GRU "
+                         f"on {base_s} " + ("(different functions)" if short else
+                                            "(a different function of the same size)"))
+        elif ours == base:
+            lines.append(f"{op}: both sides run {base_s}, the same kernel" + (
+                "" if short else " (the ratio is lstmgru's call overhead plus timing noise)"))
+        else:
+            lines.append(f"{op}: lstmgru on {ours_s} vs torch.nn on {base_s}")
+    return lines
 
 
 def render_markdown(meta: dict, records: list[dict]) -> str:
@@ -588,6 +637,11 @@ def render_markdown(meta: dict, records: list[dict]) -> str:
         head += ", TF32 " + ", ".join(f"{k}={v}" for k, v in meta["tf32"].items())
     L.append(head + ".")
     L.append("Median ms of interleaved runs; speedup = baseline_ms / ours_ms (> 1: lstmgru faster).")
+    if records:
+        L.append("")
+        L.append("What runs on each side:")
+        L.append("")
+        L.extend(f"- {line}" for line in what_ran(records))
     load = meta.get("loadavg_end")
     if meta.get("device_type") == "cpu" and load and load[0] > (os.cpu_count() or 1):
         L.append("")
@@ -631,7 +685,9 @@ def render_markdown(meta: dict, records: list[dict]) -> str:
             L.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['seq_len']} "
                      f"| {r['input_size']} | {r['hidden_size']} | {r['num_layers']} "
                      f"| {'yes' if r['bidirectional'] else 'no'} | {r['ours_ms']:.4f} "
-                     f"| {r['baseline_ms']:.4f} | {r['speedup']:.3f} | {_fmt_diff(r['max_abs_diff'])} |")
+                     f"| {r['baseline_ms']:.4f} | {r['speedup']:.3f} | {_fmt_diff(r)} |")
+        L.append("")
+        L.append(_DIFF_NOTE)
     for title, key in (("Errors", "errors"), ("Skipped (deadline)", "skipped")):
         if meta.get(key):
             L.append("")
@@ -643,49 +699,112 @@ def render_markdown(meta: dict, records: list[dict]) -> str:
     return "\n".join(L) + "\n"
 
 
+# Labelled ticks of the ratio axis, and the span it always shows at least: on a log axis a 3%
+# gap must look like 3%, not fill the panel.
+RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0,
+               4.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+FINE_TICKS = (0.67, 0.8, 1.25, 1.5)  # dropped when the span is wider than 10x
+MEDIUM_TICKS = (0.25, 0.33, 3.0, 4.0)  # dropped when it is wider than 100x
+MIN_RATIO_SPAN = (1 / 1.5, 1.5)
+
+
+def ratio_axis(ratios, headroom: float = 1.1) -> tuple[float, float, list[float]]:
+    """The shared y range (log scale) and its labelled ticks for these speedups."""
+    lo = min(min(ratios, default=1.0) / headroom, MIN_RATIO_SPAN[0])
+    hi = max(max(ratios, default=1.0) * headroom, MIN_RATIO_SPAN[1])
+    ticks = [t for t in RATIO_TICKS if lo <= t <= hi]
+    if hi / lo > 10:
+        ticks = [t for t in ticks if t not in FINE_TICKS]
+    if hi / lo > 100:
+        ticks = [t for t in ticks if t not in MEDIUM_TICKS]
+    return lo, hi, ticks
+
+
 def render_plot(meta: dict, records: list[dict], path: Path) -> bool:
+    """Speedup per config, one panel per (op, mode), all on one shared log axis.
+
+    Bars grow from the 1x line: up, lstmgru is faster; down, slower. Panels share the x axis
+    (the union of the configs, in run order), so the labels sit under the bottom row only."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         note("matplotlib is not installed: skipping the PNG plot (pip install matplotlib)")
         return False
     if not records:
         return False
+    multi_dtype = len({r["dtype"] for r in records}) > 1
+
+    def shape_of(r):
+        return config_label(r, short=True) + (f" {r['dtype']}" if multi_dtype else "")
+
+    shapes = list(dict.fromkeys(shape_of(r) for r in records))
+    ops = list(dict.fromkeys(r["op"] for r in records))
+    modes = list(dict.fromkeys(r["mode"] for r in records))
     groups = _group(records, ("op", "mode"))
-    dtypes = list(dict.fromkeys(r["dtype"] for r in records))
-    colors = dict(zip(dtypes, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    n = len(groups)
-    widest = max(len(rs) for rs in groups.values())
-    fig, axes = plt.subplots(n, 1, figsize=(max(8.0, 0.22 * widest + 2), 3.6 * n), squeeze=False)
-    for ax, ((op, mode), rs) in zip(axes[:, 0], groups.items()):
-        xs = range(len(rs))
-        sp = [r["speedup"] for r in rs]
-        # bars grow from the 1.0 line (up: lstmgru faster, down: slower) on a log axis
-        ax.bar(xs, [v - 1.0 for v in sp], bottom=1.0, color=[colors[r["dtype"]] for r in rs])
-        ax.axhline(1.0, color="black", linewidth=1)
-        ax.set_yscale("log")
-        lo, hi = min(min(sp), 1.0) / 1.15, max(max(sp), 1.0) * 1.15
-        ax.set_ylim(lo, hi)
-        ticks = [v for v in (0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0, 1.25, 2.0, 5.0, 10.0, 20.0, 50.0)
-                 if lo <= v <= hi]
-        ax.yaxis.set_major_locator(FixedLocator(ticks))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{op} {mode}: geomean {geomean(r['speedup'] for r in rs):.2f}x")
-        ax.set_ylabel(f"speedup vs {rs[0]['baseline']}")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([config_label(r, short=True) for r in rs], rotation=90, fontsize=6)
-        ax.grid(axis="y", which="both", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[d]) for d in dtypes]
-    fig.legend(handles, dtypes, loc="upper right")
-    fig.suptitle(f"lstmgru ({meta.get('backend')}) on {meta['device']}\n"
-                 f"torch {meta['torch']}, triton {meta['triton']}, cuDNN {meta['cudnn']}, "
-                 f"{meta['commit']}, {meta['date']}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    annotate = len(shapes) <= 12  # the value over each bar, where there is room for it
+    lo, hi, ticks = ratio_axis([r["speedup"] for r in records], headroom=1.4 if annotate else 1.1)
+
+    label_inches = 0.075 * max(len(s) for s in shapes) + 0.3  # 9-pt labels, rotated
+    panel_w = max(4.0, 0.32 * len(shapes) + 1.0)
+    fig_w = panel_w * len(modes) + 0.8
+    fig, axes = plt.subplots(
+        len(ops), len(modes), sharex=True, sharey=True, squeeze=False, layout="constrained",
+        figsize=(fig_w, 2.6 * len(ops) + label_inches + 1.2 + 0.2 * len(ops)))
+    xs = list(range(len(shapes)))
+    for row, op in enumerate(ops):
+        for col, mode in enumerate(modes):
+            ax = axes[row][col]
+            rs = groups.get((op, mode), [])
+            pos = [shapes.index(shape_of(r)) for r in rs]
+            sp = [r["speedup"] for r in rs]
+            ax.bar(pos, [v - 1.0 for v in sp], bottom=1.0, width=0.7,
+                   color=["tab:green" if v >= 1 else "tab:red" for v in sp])
+            ax.axhline(1.0, color="black", linewidth=1.2)
+            if annotate:
+                for x, v in zip(pos, sp):
+                    ax.annotate(f"{v:.2f}" if v < 10 else f"{v:.3g}", (x, v),
+                                xytext=(0, 2 if v >= 1 else -2),
+                                textcoords="offset points", ha="center",
+                                va="bottom" if v >= 1 else "top", fontsize=8)
+            title = f"{op} {mode}"
+            if rs:
+                title += f": geomean {geomean(sp):.2f}x"
+            ax.set_title(title, fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("speedup (x, log)", fontsize=9)
+    ax0 = axes[0][0]
+    ax0.set_yscale("log")
+    ax0.set_ylim(lo, hi)
+    ax0.yaxis.set_major_locator(FixedLocator(ticks))
+    ax0.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax0.yaxis.set_minor_locator(NullLocator())
+    ax0.set_xlim(-0.6, len(shapes) - 0.4)
+    ax0.set_xticks(xs)
+    for ax in axes[-1]:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(shapes, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    for row in axes:
+        for ax in row:
+            ax.tick_params(axis="y", labelsize=9)
+
+    baseline = "cuDNN" if meta.get("device_type") == "cuda" else "torch.nn's CPU kernels"
+    lines = [f"lstmgru (backend {meta.get('backend')}) vs torch.nn ({baseline}) on "
+             f"{meta['device']}, same weights and inputs; above 1x: lstmgru faster"]
+    lines += what_ran(records, short=True)
+    lines.append(f"torch {meta['torch']}, triton {meta['triton']}, cuDNN {meta['cudnn']}; "
+                 f"{meta['commit']}, {meta['date']}; load average {meta.get('loadavg_start')} "
+                 f"at the start")
+    load = meta.get("loadavg_end")
+    if meta.get("device_type") == "cpu" and load and load[0] > (os.cpu_count() or 1):
+        lines.append(f"BUSY MACHINE: load average {load[0]} on {os.cpu_count()} cores at the end; "
+                     "these CPU timings are unreliable")
+    width = int(fig_w * 15)  # characters of 9-pt text across the figure
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -751,6 +870,9 @@ def parse_args(argv=None):
     o.add_argument("--name", default=None, help="file stem (default: DEVICE-YYYYmmdd-HHMMSS)")
     o.add_argument("--no-plot", action="store_true", help="skip the PNG")
     o.add_argument("--list", action="store_true", help="print the configs and exit")
+    o.add_argument("--replot", type=Path, metavar="JSON",
+                   help="write the Markdown and the PNG of a saved result again, next to its "
+                        "JSON, and exit (nothing is timed)")
     return p.parse_args(argv)
 
 
@@ -762,8 +884,21 @@ def _on_sigterm(signum, frame):
     raise _Stop(f"signal {signum}")
 
 
+def replot(json_path: Path, plot: bool) -> int:
+    data = json.loads(json_path.read_text())
+    meta, records = data["meta"], data["records"]
+    md = render_markdown(meta, records)
+    json_path.with_suffix(".md").write_text(md)
+    if plot:
+        render_plot(meta, records, json_path.with_suffix(".png"))
+    sys.stdout.write(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot, not args.no_plot)
     preset = PRESETS[args.preset]
     budget = args.budget if args.budget is not None else preset["budget"]
     total_budget = args.total_budget if args.total_budget is not None else preset["total_budget"]

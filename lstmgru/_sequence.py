@@ -51,8 +51,12 @@ def step_order(num_steps: int, reverse: bool) -> range:
 
 def needs_grad(*tensors) -> bool:
     """Whether a call must save for backward. Decided by the caller: inside
-    ``autograd.Function.forward``, ``ctx.needs_input_grad`` is True even under ``no_grad``."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    ``autograd.Function.forward``, ``ctx.needs_input_grad`` is True even under ``no_grad``.
+    While ``torch.jit.trace`` records, the answer becomes a constant of the trace, so it must
+    not depend on the grad mode: the trace check re-traces under ``no_grad``, and a trace made
+    under ``no_grad`` may later be trained."""
+    return ((torch.is_grad_enabled() or torch.jit.is_tracing())
+            and any(t is not None and t.requires_grad for t in tensors))
 
 
 def input_projection(x: torch.Tensor, weight_ih: torch.Tensor,

@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import backends
 from . import onnx as _onnx
 from ._sequence import Lengths
+from ._torchscript import refuse_torchscript
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
 from .cells import variants as cell_variants
@@ -173,6 +174,8 @@ class _RNNBase(nn.Module):
     check_hidden_size = nn.RNNBase.check_hidden_size
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
+    # torch.jit.script calls this first: a clear error instead of a cryptic one
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -399,6 +402,43 @@ class _RNNBase(nn.Module):
             self.hidden_size, batch, self.proj_size, self.reset_after, variants, transform))
 
     def forward(self, input, hx=None, *, reset=None):
+        """Runs every layer and direction over a sequence: torch.nn's call, plus ``lengths=``
+        and ``reset=``.
+
+        Args:
+            input: ``(T, B, input_size)``; ``(B, T, input_size)`` with ``batch_first=True``;
+                ``(T, input_size)`` unbatched; or a ``PackedSequence``.
+            hx: the initial state; zeros when None. GRU: ``h_0``. LSTM: a tuple
+                ``(h_0, c_0)``. ``h_0`` is ``(D * num_layers, B, H_out)`` and ``c_0``
+                ``(D * num_layers, B, hidden_size)``, without the B axis for unbatched input,
+                where ``D`` is 2 if bidirectional else 1 and ``H_out`` is ``proj_size`` if it
+                is > 0, else ``hidden_size``. Rows are in the input's batch order, also for a
+                ``PackedSequence``.
+            lengths: keyword-only. Per-row lengths of a padded batch: an integer tensor on any
+                device, or a list, of B entries between 0 and T. Zero-length rows are allowed
+                (their ``h_n`` is ``hx``, or zero). Outputs past a row's length are zero (as
+                ``pad_packed_sequence`` gives), and ``h_n`` (and ``c_n``) are taken at each
+                row's last valid step; the reverse direction starts each row at its own last
+                valid step. The same result as packing with
+                ``pack_padded_sequence(enforce_sorted=False)`` and padding back.
+                Default None: every row has length T.
+            reset: keyword-only. A bool tensor shaped like the input's first two axes:
+                ``(T, B)``, ``(B, T)`` with ``batch_first``, ``(T,)`` unbatched, ``(T_max, B)``
+                in the original batch order for a ``PackedSequence``. Where ``reset[t, b]`` is
+                True, the state entering step t of row b is zero (h and c), whatever ``hx``
+                was, and no gradient flows across it. In the reverse direction a reset at t
+                zeroes the state the direction carries from step t into step t-1, so a reset
+                splits a sequence into ``[0, t)`` and ``[t, T)`` in both directions. Outputs
+                and ``h_n`` are never zeroed. Default None: no resets.
+
+        Returns:
+            GRU: ``(output, h_n)``; LSTM: ``(output, (h_n, c_n))``.
+            ``output`` is ``(T, B, D * H_out)`` (``(B, T, D * H_out)`` with ``batch_first``,
+            ``(T, D * H_out)`` unbatched, a ``PackedSequence`` for packed input): the last
+            layer's h at every step, both directions concatenated. ``h_n`` and ``c_n`` have the
+            shapes of ``h_0`` and ``c_0``: each layer-direction's state after its last step
+            (for the reverse direction, after step 0).
+        """
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
@@ -561,7 +601,8 @@ class _RNNBase(nn.Module):
 
 
 class LSTM(_RNNBase):
-    r"""Drop-in :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs).
+    r"""Drop-in :class:`torch.nn.LSTM` (same arguments, parameters, inputs and outputs), with
+    optional cell variants.
 
     For each step, with gates stacked i, f, g, o in ``weight_ih_l{k}`` / ``weight_hh_l{k}``::
 
@@ -569,8 +610,49 @@ class LSTM(_RNNBase):
         f = sigmoid(W_if x + b_if + W_hf h + b_hf)     o = sigmoid(W_io x + b_io + W_ho h + b_ho)
         c' = f * c + i * g                             h' = o * tanh(c')   (then W_hr h' if proj_size)
 
-    Runs the fused Triton kernels on CUDA tensors and the plain-PyTorch reference elsewhere
-    (see ``lstmgru.set_backend``).
+    Args:
+        input_size: the number of features in the input ``x``.
+        hidden_size: the number of features in the hidden state ``h``.
+        num_layers: stacked recurrent layers; the output of each feeds the next. Default 1.
+        bias: if False, no ``bias_ih_l{k}`` / ``bias_hh_l{k}``. Default True.
+        batch_first: if True, input and output are ``(B, T, feature)`` instead of
+            ``(T, B, feature)``; the states are not affected. Default False.
+        dropout: if non-zero, dropout with this probability on the outputs of every layer but
+            the last, in training. Default 0.
+        bidirectional: if True, each layer runs forwards and backwards and concatenates both
+            outputs. Default False.
+        proj_size: if > 0, an LSTM with projections: ``h`` is ``W_hr (o * tanh(c'))`` of size
+            ``proj_size`` (parameters ``weight_hr_l{k}``). Default 0.
+        device, dtype: where and in which dtype the parameters are created.
+        layer_norm: keyword-only. Layer normalisation (Ba et al. 2016) of ``x W_ih^T`` and of
+            ``h W_hh^T`` over the whole gate vector before the biases; also normalises ``c'``
+            inside ``tanh``. Adds the parameters ``ln_ih_weight_l{k}``, ``ln_hh_weight_l{k}``,
+            ``ln_c_weight_l{k}``, ``ln_c_bias_l{k}`` per layer-direction (``_reverse`` for the
+            reverse direction). Default False.
+        zoneout: keyword-only. Zoneout probability on h (Krueger et al. 2016): in training each
+            unit keeps its previous value with this probability, per step and row; in eval h is
+            the mix ``p * h_prev + (1 - p) * h_new``. The cell state c is not zoned out. Default 0.
+        recurrent_dropout: keyword-only. Training only: dropout on h where it enters the
+            recurrent product, one mask per call, row and unit, fixed over the steps (Keras'
+            ``recurrent_dropout``). Default 0.
+        weight_drop: keyword-only. Training only: DropConnect on ``weight_hh`` (AWD-LSTM), one
+            mask per call over the matrix, scaled 1/(1-p); the parameter is not changed.
+            Default 0.
+
+    Call it as ``output, (h_n, c_n) = lstm(input, (h_0, c_0))``; see :meth:`forward` for the
+    shapes, ``lengths=`` and ``reset=``. Parameters have torch.nn's names, shapes, order and
+    initialisation (``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``; layer-norm gains 1, biases
+    0), so a ``state_dict`` moves between this module and ``torch.nn.LSTM`` with ``strict=True``
+    (without the variants' parameters). ``isinstance(module, torch.nn.LSTM)`` is False.
+
+    Which implementation runs a call is decided per call by ``lstmgru.backends`` (default
+    ``"auto"``; ``lstmgru.set_backend`` / ``lstmgru.use_backend`` choose another). On the CPU,
+    ``auto`` runs torch's own kernel wherever it computes the same function (the result is then
+    torch.nn's, bit for bit) and lstmgru's plain-PyTorch reference for the rest (the original
+    GRU, the cell variants). On CUDA, ``auto`` runs cuDNN for what cuDNN computes, unless a
+    calibration measured on that GPU says lstmgru's Triton kernels are faster for the case
+    (``python -m lstmgru.calibrate``), and the Triton kernels for what only they compute. An
+    explicitly named backend runs that implementation or raises, naming the reason.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -613,6 +695,51 @@ class GRU(_RNNBase):
     forms. Articles often write the update as ``h' = (1 - z) * h + z * h~``; that is the same
     function with ``z`` replaced by ``1 - z``, i.e. with z's weights and biases negated
     (``sigmoid(-a) = 1 - sigmoid(a)``).
+
+    Args:
+        input_size: the number of features in the input ``x``.
+        hidden_size: the number of features in the hidden state ``h``.
+        num_layers: stacked recurrent layers; the output of each feeds the next. Default 1.
+        bias: if False, no ``bias_ih_l{k}`` / ``bias_hh_l{k}``. Default True.
+        batch_first: if True, input and output are ``(B, T, feature)`` instead of
+            ``(T, B, feature)``; the states are not affected. Default False.
+        dropout: if non-zero, dropout with this probability on the outputs of every layer but
+            the last, in training. Default 0.
+        bidirectional: if True, each layer runs forwards and backwards and concatenates both
+            outputs. Default False.
+        device, dtype: where and in which dtype the parameters are created.
+        proj_size: keyword-only, accepted for torch.nn's signature; must be 0 (projections
+            exist for the LSTM only).
+        reset_after: keyword-only. True (default) is torch.nn's and cuDNN's GRU; False is the
+            original GRU (see above), which torch.nn cannot compute.
+        layer_norm: keyword-only. Layer normalisation (Ba et al. 2016) of ``x W_ih^T`` and of
+            ``h W_hh^T`` over the whole gate vector before the biases (``reset_after=True``
+            only). Adds the parameters ``ln_ih_weight_l{k}``, ``ln_hh_weight_l{k}`` per
+            layer-direction (``_reverse`` for the reverse direction). Default False.
+        zoneout: keyword-only. Zoneout probability on h (Krueger et al. 2016): in training each
+            unit keeps its previous value with this probability, per step and row; in eval h is
+            the mix ``p * h_prev + (1 - p) * h_new``. Default 0.
+        recurrent_dropout: keyword-only. Training only: dropout on h where it enters the
+            recurrent product, one mask per call, row and unit, fixed over the steps (Keras'
+            ``recurrent_dropout``). Default 0.
+        weight_drop: keyword-only. Training only: DropConnect on ``weight_hh`` (AWD-LSTM), one
+            mask per call over the matrix, scaled 1/(1-p); the parameter is not changed.
+            Default 0.
+
+    Call it as ``output, h_n = gru(input, h_0)``; see :meth:`forward` for the shapes,
+    ``lengths=`` and ``reset=``. Parameters have torch.nn's names, shapes, order and
+    initialisation (``U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))``; layer-norm gains 1, biases
+    0), so a ``state_dict`` moves between this module and ``torch.nn.GRU`` with ``strict=True``
+    (without the variants' parameters). ``isinstance(module, torch.nn.GRU)`` is False.
+
+    Which implementation runs a call is decided per call by ``lstmgru.backends`` (default
+    ``"auto"``; ``lstmgru.set_backend`` / ``lstmgru.use_backend`` choose another). On the CPU,
+    ``auto`` runs torch's own kernel wherever it computes the same function (the result is then
+    torch.nn's, bit for bit) and lstmgru's plain-PyTorch reference for the rest (the original
+    GRU, the cell variants). On CUDA, ``auto`` runs cuDNN for what cuDNN computes, unless a
+    calibration measured on that GPU says lstmgru's Triton kernels are faster for the case
+    (``python -m lstmgru.calibrate``), and the Triton kernels for what only they compute. An
+    explicitly named backend runs that implementation or raises, naming the reason.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -642,6 +769,7 @@ class _CellBase(nn.Module):
     mode: str
     reset_after = True  # as in _RNNBase
     layer_norm, zoneout, recurrent_dropout, weight_drop, variants = False, 0.0, 0.0, 0.0, ()
+    __prepare_scriptable__ = refuse_torchscript  # as in _RNNBase
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
@@ -770,7 +898,41 @@ class _CellBase(nn.Module):
 
 
 class LSTMCell(_CellBase):
-    """Drop-in :class:`torch.nn.LSTMCell`: one step of :class:`lstmgru.LSTM`."""
+    """Drop-in :class:`torch.nn.LSTMCell`: one step of :class:`lstmgru.LSTM`, with optional cell
+    variants.
+
+    Args:
+        input_size: the number of features in the input ``x``.
+        hidden_size: the number of features in the hidden state ``h``.
+        bias: if False, no ``bias_ih`` / ``bias_hh``. Default True.
+        device, dtype: where and in which dtype the parameters are created.
+        layer_norm: keyword-only. Layer normalisation (Ba et al. 2016) of ``x W_ih^T`` and of
+            ``h W_hh^T`` over the whole gate vector before the biases; also normalises ``c'``
+            inside ``tanh``. Adds the parameters ``ln_ih_weight``, ``ln_hh_weight``,
+            ``ln_c_weight``, ``ln_c_bias``. Default False.
+        zoneout: keyword-only. Zoneout probability on h (Krueger et al. 2016): in training each
+            unit keeps its previous value with this probability, per step and row; in eval h is
+            the mix ``p * h_prev + (1 - p) * h_new``. The cell state c is not zoned out. Default 0.
+        recurrent_dropout: keyword-only. Training only: dropout on h where it enters the
+            recurrent product, one mask per call, row and unit, fixed over the steps (Keras'
+            ``recurrent_dropout``). Default 0.
+        weight_drop: keyword-only. Training only: DropConnect on ``weight_hh`` (AWD-LSTM), one
+            mask per call over the matrix, scaled 1/(1-p); the parameter is not changed.
+            Default 0.
+
+    Parameters have torch.nn's names, shapes and initialisation, so a ``state_dict`` moves
+    between this module and ``torch.nn.LSTMCell`` with ``strict=True`` (without the variants'
+    parameters). ``isinstance(cell, torch.nn.LSTMCell)`` is False.
+
+    Which implementation runs a call is decided per call by ``lstmgru.backends`` (default
+    ``"auto"``; ``lstmgru.set_backend`` / ``lstmgru.use_backend`` choose another). On the CPU,
+    ``auto`` runs torch's own kernel wherever it computes the same function (the result is then
+    torch.nn's, bit for bit) and lstmgru's plain-PyTorch reference for the rest (the original
+    GRU, the cell variants). On CUDA, ``auto`` runs cuDNN for what cuDNN computes, unless a
+    calibration measured on that GPU says lstmgru's Triton kernels are faster for the case
+    (``python -m lstmgru.calibrate``), and the Triton kernels for what only they compute. An
+    explicitly named backend runs that implementation or raises, naming the reason.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, layer_norm: bool = False, zoneout: float = 0.0,
@@ -781,6 +943,19 @@ class LSTMCell(_CellBase):
 
     def forward(self, input: torch.Tensor,
                 hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *, reset=None):
+        """One step: torch.nn's call, plus ``reset=``.
+
+        Args:
+            input: ``(B, input_size)``, or ``(input_size,)`` unbatched.
+            hx: a tuple ``(h, c)``, each ``(B, hidden_size)`` (``(hidden_size,)`` unbatched);
+            zeros when None.
+            reset: keyword-only. A bool tensor ``(B,)`` (``()`` unbatched): where True, the
+                row's incoming state is zero, whatever ``hx`` was, and no gradient flows
+                across it. Default None.
+
+        Returns:
+            ``(h', c')``, each shaped like ``h``: the state after the step.
+        """
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
@@ -803,7 +978,41 @@ class LSTMCell(_CellBase):
 
 class GRUCell(_CellBase):
     """Drop-in :class:`torch.nn.GRUCell`: one step of :class:`lstmgru.GRU`, including the
-    original ``reset_after=False`` form (see :class:`lstmgru.GRU`)."""
+    original ``reset_after=False`` form (see :class:`lstmgru.GRU`), with optional cell variants.
+
+    Args:
+        input_size: the number of features in the input ``x``.
+        hidden_size: the number of features in the hidden state ``h``.
+        bias: if False, no ``bias_ih`` / ``bias_hh``. Default True.
+        device, dtype: where and in which dtype the parameters are created.
+        reset_after: keyword-only. True (default) is torch.nn's GRU cell; False is the original
+            GRU, which torch.nn cannot compute.
+        layer_norm: keyword-only. Layer normalisation (Ba et al. 2016) of ``x W_ih^T`` and of
+            ``h W_hh^T`` over the whole gate vector before the biases (``reset_after=True``
+            only). Adds the parameters ``ln_ih_weight``, ``ln_hh_weight``. Default False.
+        zoneout: keyword-only. Zoneout probability on h (Krueger et al. 2016): in training each
+            unit keeps its previous value with this probability, per step and row; in eval h is
+            the mix ``p * h_prev + (1 - p) * h_new``. Default 0.
+        recurrent_dropout: keyword-only. Training only: dropout on h where it enters the
+            recurrent product, one mask per call, row and unit, fixed over the steps (Keras'
+            ``recurrent_dropout``). Default 0.
+        weight_drop: keyword-only. Training only: DropConnect on ``weight_hh`` (AWD-LSTM), one
+            mask per call over the matrix, scaled 1/(1-p); the parameter is not changed.
+            Default 0.
+
+    Parameters have torch.nn's names, shapes and initialisation, so a ``state_dict`` moves
+    between this module and ``torch.nn.GRUCell`` with ``strict=True`` (without the variants'
+    parameters). ``isinstance(cell, torch.nn.GRUCell)`` is False.
+
+    Which implementation runs a call is decided per call by ``lstmgru.backends`` (default
+    ``"auto"``; ``lstmgru.set_backend`` / ``lstmgru.use_backend`` choose another). On the CPU,
+    ``auto`` runs torch's own kernel wherever it computes the same function (the result is then
+    torch.nn's, bit for bit) and lstmgru's plain-PyTorch reference for the rest (the original
+    GRU, the cell variants). On CUDA, ``auto`` runs cuDNN for what cuDNN computes, unless a
+    calibration measured on that GPU says lstmgru's Triton kernels are faster for the case
+    (``python -m lstmgru.calibrate``), and the Triton kernels for what only they compute. An
+    explicitly named backend runs that implementation or raises, naming the reason.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, reset_after: bool = True, layer_norm: bool = False,
@@ -818,6 +1027,18 @@ class GRUCell(_CellBase):
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None, *, reset=None):
+        """One step: torch.nn's call, plus ``reset=``.
+
+        Args:
+            input: ``(B, input_size)``, or ``(input_size,)`` unbatched.
+            hx: ``h``, ``(B, hidden_size)`` (``(hidden_size,)`` unbatched); zeros when None.
+            reset: keyword-only. A bool tensor ``(B,)`` (``()`` unbatched): where True, the
+                row's incoming state is zero, whatever ``hx`` was, and no gradient flows
+                across it. Default None.
+
+        Returns:
+            ``h'``, shaped like ``h``: the state after the step.
+        """
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:

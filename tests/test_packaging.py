@@ -98,6 +98,12 @@ def test_wheel_contents(wheel):
 
     assert f"{dist_info}licenses/LICENSE" in names
     assert re.search(r"^License-Expression: MIT$", metadata, re.MULTILINE), metadata[:2000]
+    # pip show prints License-Expression only from metadata 2.4 on (older pip shows "License:"
+    # blank: setuptools >= 77 writes the SPDX expression, never the legacy field)
+    assert re.search(r"^Metadata-Version: 2\.([4-9]|\d\d)$", metadata, re.MULTILINE)
+    description = re.search(r'^description = "(.*)"$', (ROOT / "pyproject.toml").read_text(),
+                            re.MULTILINE).group(1).replace('\\"', '"')
+    assert re.search(rf"^Summary: {re.escape(description)}$", metadata, re.MULTILINE)
     assert re.search(rf"^Version: {re.escape(version)}$", metadata, re.MULTILINE)
     # triton is an extra, never a hard requirement.
     for line in re.findall(r"^Requires-Dist: (.*)$", metadata, re.MULTILINE):
