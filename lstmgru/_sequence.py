@@ -95,6 +95,23 @@ def check_length_values(host: torch.Tensor, num_steps: int, mode: str) -> None:
                          f"number of steps), got {int(host[row])} at row {row}")
 
 
+def keep_initial_state(final: torch.Tensor, initial: torch.Tensor,
+                       per_row: torch.Tensor) -> torch.Tensor:
+    """A row of length 0 takes no step: its final state IS its initial state, gradient
+    included (the recurrences' backward loops only see rows that ran). (B, X) or (D, B, X)."""
+    return torch.where((per_row == 0).unsqueeze(-1), initial, final)
+
+
+def may_hold_empty_rows(lengths: Optional["Lengths"]) -> bool:
+    """Whether some row may have length 0: known on the host (sorted, so the last is the
+    shortest), else assumed (a device's values are not read)."""
+    if lengths is None:
+        return False
+    if lengths.host is None:
+        return True
+    return lengths.host.numel() > 0 and int(lengths.host[-1]) == 0
+
+
 def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
     """The indices that undo ``index_select(dim, permutation)`` (as torch.nn.utils.rnn does)."""
     inverse = torch.empty_like(permutation)
@@ -217,13 +234,14 @@ def fold_final_grad(grad_y: Optional[torch.Tensor], grad_final: Optional[torch.T
 
 
 def first_step_rows(seq: torch.Tensor, lengths: Optional[Lengths], reverse: bool) -> torch.Tensor:
-    """``seq[t_first(b), b]`` for every row b: the step where row b started (B, X)."""
+    """``seq[t_first(b), b]`` for every row b: the step where row b started (B, X); 0 for a
+    row of length 0, which never starts."""
     if not reverse:
         return seq[0]
     if lengths is None:
         return seq[-1]
     sizes = lengths.batch_sizes
-    out = torch.empty_like(seq[0])
+    out = torch.zeros_like(seq[0])
     T = seq.shape[0]
     for t in range(T):
         started_before = sizes[t + 1] if t + 1 < T else 0

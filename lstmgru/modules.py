@@ -25,8 +25,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backends
 from . import onnx as _onnx
-from ._sequence import (Lengths, check_length_values, invert_permutation, lengths_argument,
-                        pack_rows, unpack_rows)
+from ._sequence import (Lengths, check_length_values, invert_permutation, keep_initial_state,
+                        lengths_argument, may_hold_empty_rows, pack_rows, unpack_rows)
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
 from .cells import variants as cell_variants
@@ -578,6 +578,7 @@ class _RNNBase(nn.Module):
         self._update_flat_weights()  # parametrizations and functional_call swap the weights
         per_layer = len(self._all_weights[0])
         finals: List[List[torch.Tensor]] = [[] for _ in states]
+        empty_rows = may_hold_empty_rows(lengths)
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
@@ -594,6 +595,9 @@ class _RNNBase(nn.Module):
                         reset, None if lengths is None else lengths.per_row, direction == 1)
                 y, *last = self._run_layer(layer_input, weights, layer_states, lengths,
                                            direction == 1, recurrence, variants)
+                if empty_rows:
+                    last = [keep_initial_state(f, s, lengths.per_row)
+                            for f, s in zip(last, layer_states)]
                 outputs.append(y)
                 for kept, state in zip(finals, last):
                     kept.append(state)
@@ -633,9 +637,10 @@ class _RNNBase(nn.Module):
             raise _onnx.unsupported(f"proj_size={self.proj_size} (ONNX's LSTM has no projection)",
                                     self.mode)
 
-    def _onnx_layers(self, x, states, dtype):
+    def _onnx_layers(self, x, states, dtype, lengths):
         """``_layers`` while ``torch.onnx.export`` traces: one ONNX node per layer, both
-        directions in it."""
+        directions in it; ``lengths`` become the nodes' ``sequence_lens``."""
+        sequence_lens = None if lengths is None else lengths.per_row
         directions = 2 if self.bidirectional else 1
         self._update_flat_weights()
         per_layer = len(self._all_weights[0])
@@ -650,7 +655,7 @@ class _RNNBase(nn.Module):
                 weights.append(w[:4] if self.bias else [w[0], w[1], None, None])
             rows = slice(layer * directions, (layer + 1) * directions)
             layer_input, *last = self._onnx_layer(layer_input, weights,
-                                                  [s[rows] for s in states])
+                                                  [s[rows] for s in states], sequence_lens)
             for kept, state in zip(finals, last):
                 kept.append(state)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -690,8 +695,9 @@ class LSTM(_RNNBase):
         return lstm_cell.layer(layer_input, self._split_weights(weights), states[0], states[1],
                                lengths, reverse, recurrence, variants)
 
-    def _onnx_layer(self, layer_input, weights, states):
-        return _onnx.lstm_layer(layer_input, weights, states[0], states[1])
+    def _onnx_layer(self, layer_input, weights, states, sequence_lens=None):
+        return _onnx.lstm_layer(layer_input, weights, states[0], states[1],
+                                sequence_lens=sequence_lens)
 
 
 class GRU(_RNNBase):
@@ -732,8 +738,9 @@ class GRU(_RNNBase):
         return gru_cell.layer(layer_input, self._split_weights(weights)[:4], states[0], lengths,
                               reverse, self.reset_after, recurrence, variants)
 
-    def _onnx_layer(self, layer_input, weights, states):
-        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after)
+    def _onnx_layer(self, layer_input, weights, states, sequence_lens=None):
+        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after,
+                               sequence_lens=sequence_lens)
 
 
 class _CellBase(nn.Module):
