@@ -632,7 +632,10 @@ class _RNNBase(nn.Module):
 
     def _check_onnx(self, input) -> None:
         if isinstance(input, PackedSequence):
-            raise _onnx.unsupported("PackedSequence input (pass padded tensors)", self.mode)
+            # Its batch sizes are data: torch.export cannot trace pad_packed_sequence (torch's
+            # own pack -> pad fails there alone), so the padded input and lengths= are the way.
+            raise _onnx.unsupported("PackedSequence input (pass the padded input and lengths=, "
+                                    "which become the node's sequence_lens)", self.mode)
         if self.proj_size > 0:
             raise _onnx.unsupported(f"proj_size={self.proj_size} (ONNX's LSTM has no projection)",
                                     self.mode)

@@ -10,8 +10,15 @@ ONNX i, o, f, c; torch stacks the GRU gates r, z, n and ONNX z, r, h. ONNX's GRU
 both forms: ``linear_before_reset=1`` is torch's (``reset_after=True``), 0 the original GRU
 (``reset_after=False``).
 
-What ONNX's operators cannot express raises :class:`NotImplementedError` naming it:
-``proj_size`` (ONNX's LSTM has no projection) and ``PackedSequence`` input.
+Per-row lengths (``lengths=``) become the nodes' ``sequence_lens``; onnxruntime then zeroes
+the output past each length and takes each row's final state at its last step (in reverse,
+each row starts at its own last step), as lstmgru does, and a row of length 0 gets its
+initial state back (:func:`_keep_initial_state`).
+
+What cannot be exported raises :class:`NotImplementedError` naming it: ``proj_size`` (ONNX's
+LSTM has no projection) and ``PackedSequence`` input (its batch sizes are data, which
+``torch.export`` cannot trace through ``pad_packed_sequence``: pass the padded input with
+``lengths=`` instead).
 """
 from __future__ import annotations
 
