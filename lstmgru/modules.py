@@ -406,6 +406,21 @@ class _RNNBase(nn.Module):
             self.hidden_size, batch, self.proj_size, self.reset_after, variants, transform))
 
     def forward(self, input, hx=None, *, lengths=None, reset=None):
+        """torch.nn's forward, plus:
+
+        ``lengths``: per-row lengths of a padded batch (batched input only), an integer tensor
+        of shape (B,) on any device or a list of ints, each in [0, T]. The result is
+        ``pack_padded_sequence(input, lengths, enforce_sorted=False)`` -> this module ->
+        ``pad_packed_sequence(total_length=T)``, without the packing: output 0 past each
+        row's length, final states at each row's last step (in reverse each row starts at
+        its own last step). Rows of length 0 are allowed: output 0, final state ``hx`` (or 0).
+        On the Triton kernels device lengths are never read on the host (no sync), so their
+        values are checked only where they are on the host (a list or a CPU tensor);
+        torch's kernel and the reference copy them to the host.
+
+        ``reset``: bool, laid out like the input's first two dimensions ((T,) unbatched);
+        where True the state is zeroed (``lstmgru.cells.variants`` says where in reverse).
+        """
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
