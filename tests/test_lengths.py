@@ -406,3 +406,42 @@ def test_no_host_sync_on_the_split_kernels(monkeypatch):
     guard = _HostSyncGuard(monkeypatch, _launch)  # noqa: F841
     with lstmgru.use_backend("triton-split"), parallel_programs(timeout_s=300):
         m(torch.randn(6, 3, 5), lengths=torch.tensor([4, 0, 6]))
+
+
+# ------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_cuda_lengths_without_sync(op):
+    """CUDA lengths on the tiled kernels: forward and backward under
+    ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), and the rows equal
+    torch.nn's fp64 pack/pad of the non-empty rows (fp32 rounding)."""
+    torch.manual_seed(30)
+    ours, exact = build_pair(op, 8, 64, torch.float32, num_layers=2, bidirectional=True,
+                             batch_first=True)
+    exact = exact.double()
+    ours, exact = ours.cuda(), exact.cuda()
+    lengths = torch.tensor([5, 17, 0, 17, 9, 1], device="cuda")
+    x = torch.randn(6, 17, 8, device="cuda")
+    with lstmgru.use_backend("triton-tiled"):
+        ours(x, lengths=lengths)[0].sum().backward()  # compiles the kernels first
+        torch.cuda.synchronize()
+        xi = x.clone().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, final = ours(xi, lengths=lengths)
+            finals = final if isinstance(final, tuple) else (final,)
+            (out.sum() + sum(f.sum() for f in finals)).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    kept = torch.tensor([0, 1, 3, 4, 5], device="cuda")
+    packed = pack_padded_sequence(x[kept].double(), lengths[kept].cpu(), batch_first=True,
+                                  enforce_sorted=False)
+    want, want_final = exact(packed)
+    want = pad_packed_sequence(want, batch_first=True, total_length=17)[0]
+    assert (out[kept].double() - want).abs().max() < 1e-4
+    assert out[2].abs().max() == 0
+    want_finals = want_final if isinstance(want_final, tuple) else (want_final,)
+    for f, w in zip(finals, want_finals):
+        assert (f[:, kept].double() - w).abs().max() < 1e-4
+        assert f[:, 2].abs().max() == 0
