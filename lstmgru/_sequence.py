@@ -9,31 +9,39 @@ Shapes: ``T`` steps, ``B`` batch rows; ``X`` stands for whatever width a state h
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 
 class Lengths(NamedTuple):
-    """Per-row sequence lengths of a packed batch, in both forms the implementations use.
+    """Per-row sequence lengths of a batch whose rows are sorted by length, in the forms the
+    implementations use.
 
-    Made once per forward call by the module (``Lengths.from_batch_sizes``) and handed down
-    as is, so no layer converts one form into the other.
+    Made once per forward call by the module (from a ``PackedSequence``'s batch sizes or from
+    ``lengths=``) and handed down as is, so no layer converts one form into another.
 
     ``batch_sizes``: T non-increasing ints, the number of active rows at each step (rows are
-    sorted by length, so the active rows of step t are the prefix ``[:batch_sizes[t]]``).
-    ``per_row``: int64 (B,) on the data's device; row b is active at step t iff
-    ``t < per_row[b]``.
+    sorted by length, so the active rows of step t are the prefix ``[:batch_sizes[t]]``), or
+    None where they are not known on the host (``lengths=`` on a device: reading them there
+    would wait for the device; the ops that need them rebuild them, ``from_per_row``).
+    ``per_row``: int64 (B,) on the data's device, non-increasing; row b is active at step t
+    iff ``t < per_row[b]``.
+    ``host``: the same int64 (B,) on the CPU where it is known there without a copy from a
+    device (a ``PackedSequence``'s batch sizes, ``lengths=`` given as a list or CPU tensor),
+    else None.
     """
 
-    batch_sizes: tuple
+    batch_sizes: Optional[tuple]
     per_row: torch.Tensor
+    host: Optional[torch.Tensor] = None
 
     @staticmethod
     def from_batch_sizes(batch_sizes: Sequence[int], batch: int, device) -> "Lengths":
         sizes = torch.as_tensor(list(batch_sizes), dtype=torch.int64)
         per_row = (sizes.unsqueeze(1) > torch.arange(batch).unsqueeze(0)).sum(0)
-        return Lengths(tuple(int(s) for s in batch_sizes), per_row.to(device))
+        return Lengths(tuple(int(s) for s in batch_sizes), per_row.to(device), per_row)
 
     @staticmethod
     def from_per_row(per_row: torch.Tensor, num_steps: int) -> "Lengths":
@@ -42,6 +50,97 @@ class Lengths(NamedTuple):
         steps = torch.arange(num_steps, device=per_row.device)
         sizes = (per_row.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
         return Lengths(tuple(sizes.tolist()), per_row)
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def lengths_argument(lengths, batch: int, mode: str) -> Tuple[torch.Tensor, bool]:
+    """The ``lengths=`` argument of a layer call as an int64 (B,) tensor on the device it came
+    on, and whether that is the host (a list, or a CPU tensor). Checks its type and shape; the
+    values are for ``check_length_values``, where they are on the host."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype not in _INTEGER_DTYPES:
+            raise ValueError(f"{mode}: lengths must be an integer tensor or a list of ints, got "
+                             f"a {lengths.dtype} tensor")
+        if tuple(lengths.shape) != (batch,):
+            raise ValueError(f"{mode}: expected lengths of shape ({batch},) (one length per "
+                             f"batch row), got {tuple(lengths.shape)}")
+        on_host = lengths.device.type == "cpu"
+        per_row = lengths.to(torch.int64)
+    elif isinstance(lengths, (list, tuple)):
+        bad = [v for v in lengths if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:
+            raise ValueError(f"{mode}: lengths must be an integer tensor or a list of ints, got "
+                             f"a list holding {bad[0]!r} ({type(bad[0]).__name__})")
+        if len(lengths) != batch:
+            raise ValueError(f"{mode}: expected lengths of shape ({batch},) (one length per "
+                             f"batch row), got ({len(lengths)},)")
+        on_host = True
+        per_row = torch.tensor(list(lengths), dtype=torch.int64)
+    else:
+        raise ValueError(f"{mode}: lengths must be an integer tensor or a list of ints, got "
+                         f"{type(lengths).__name__}")
+    return per_row, on_host
+
+
+def check_length_values(host: torch.Tensor, num_steps: int, mode: str) -> None:
+    """``lengths=`` on the host must lie in [0, T]."""
+    if host.numel() == 0:
+        return
+    low, high = int(host.min()), int(host.max())
+    if low < 0 or high > num_steps:
+        row = int(host.argmin()) if low < 0 else int(host.argmax())
+        raise ValueError(f"{mode}: lengths must lie in [0, {num_steps}] (0 to the input's "
+                         f"number of steps), got {int(host[row])} at row {row}")
+
+
+def keep_initial_state(final: torch.Tensor, initial: torch.Tensor,
+                       per_row: torch.Tensor) -> torch.Tensor:
+    """A row of length 0 takes no step: its final state IS its initial state, gradient
+    included (the recurrences' backward loops only see rows that ran). (B, X) or (D, B, X)."""
+    return torch.where((per_row == 0).unsqueeze(-1), initial, final)
+
+
+def may_hold_empty_rows(lengths: Optional["Lengths"]) -> bool:
+    """Whether some row may have length 0: known on the host (sorted, so the last is the
+    shortest), else assumed (a device's values are not read)."""
+    if lengths is None:
+        return False
+    if lengths.host is None:
+        return True
+    return lengths.host.numel() > 0 and int(lengths.host[-1]) == 0
+
+
+def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """The indices that undo ``index_select(dim, permutation)`` (as torch.nn.utils.rnn does)."""
+    inverse = torch.empty_like(permutation)
+    return inverse.scatter_(0, permutation, torch.arange(permutation.numel(),
+                                                         device=permutation.device))
+
+
+def pack_rows(padded: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """The packed data (sum of lengths, X) of ``padded`` (T, B, X), whose rows are sorted by
+    length with ``host`` (B,) on the CPU: what ``pack_padded_sequence`` gives, except that
+    rows of length 0 (last, being sorted) are allowed and hold nothing."""
+    rows = int((host > 0).sum())
+    if rows == 0:
+        return padded.new_empty(0, padded.shape[2])
+    return pack_padded_sequence(padded[:, :rows], host[:rows], enforce_sorted=True).data
+
+
+def unpack_rows(data: torch.Tensor, host: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_rows``: (T, B, X) shaped like ``like``, zero past each length."""
+    rows = int((host > 0).sum())
+    T = like.shape[0]
+    if rows == 0:
+        return torch.zeros_like(like)
+    batch_sizes = (host[:rows].unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
+    batch_sizes = batch_sizes[: int(host[0])]
+    padded, _ = pad_packed_sequence(PackedSequence(data, batch_sizes), total_length=T)
+    if rows == like.shape[1]:
+        return padded
+    return torch.cat([padded, like.new_zeros(T, like.shape[1] - rows, like.shape[2])], 1)
 
 
 def step_order(num_steps: int, reverse: bool) -> range:
@@ -139,13 +238,14 @@ def fold_final_grad(grad_y: Optional[torch.Tensor], grad_final: Optional[torch.T
 
 
 def first_step_rows(seq: torch.Tensor, lengths: Optional[Lengths], reverse: bool) -> torch.Tensor:
-    """``seq[t_first(b), b]`` for every row b: the step where row b started (B, X)."""
+    """``seq[t_first(b), b]`` for every row b: the step where row b started (B, X); 0 for a
+    row of length 0, which never starts."""
     if not reverse:
         return seq[0]
     if lengths is None:
         return seq[-1]
     sizes = lengths.batch_sizes
-    out = torch.empty_like(seq[0])
+    out = torch.zeros_like(seq[0])
     T = seq.shape[0]
     for t in range(T):
         started_before = sizes[t + 1] if t + 1 < T else 0

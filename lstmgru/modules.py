@@ -25,7 +25,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import backends
 from . import onnx as _onnx
-from ._sequence import Lengths
+from ._sequence import (Lengths, check_length_values, invert_permutation, keep_initial_state,
+                        lengths_argument, may_hold_empty_rows, pack_rows, unpack_rows)
 from ._torchscript import refuse_torchscript
 from .cells import gru as gru_cell
 from .cells import lstm as lstm_cell
@@ -145,6 +146,12 @@ def _variants_of_call(module, reset) -> Tuple[cell_variants.Options, Tuple[str, 
 
 
 _NO_OPTIONS = cell_variants.Options()
+
+
+def _unbatched_lengths_error(mode: str, input: torch.Tensor) -> ValueError:
+    # An unbatched input is one sequence: its length is its number of steps.
+    return ValueError(f"{mode}: lengths= needs batched 3-D input (one length per row), got "
+                      f"unbatched input of shape {_shape(input)}; slice the sequence instead")
 
 
 def _check_reset(reset, mode: str, expected: tuple, device) -> torch.Tensor:
@@ -401,7 +408,7 @@ class _RNNBase(nn.Module):
             self.mode, _device_type(data), _case_dtype(data, self.mode == "LSTM"),
             self.hidden_size, batch, self.proj_size, self.reset_after, variants, transform))
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, *, lengths=None, reset=None):
         """Runs every layer and direction over a sequence: torch.nn's call, plus ``lengths=``
         and ``reset=``.
 
@@ -421,7 +428,10 @@ class _RNNBase(nn.Module):
                 row's last valid step; the reverse direction starts each row at its own last
                 valid step. The same result as packing with
                 ``pack_padded_sequence(enforce_sorted=False)`` and padding back.
-                Default None: every row has length T.
+                On the Triton kernels device lengths are never read on the host (no sync),
+                so their values are checked only where they are on the host (a list or a CPU
+                tensor); torch's kernel and the reference copy them to the host. Not for
+                unbatched input or a ``PackedSequence``. Default None: every row has length T.
             reset: keyword-only. A bool tensor shaped like the input's first two axes:
                 ``(T, B)``, ``(B, T)`` with ``batch_first``, ``(T,)`` unbatched, ``(T_max, B)``
                 in the original batch order for a ``PackedSequence``. Where ``reset[t, b]`` is
@@ -442,12 +452,19 @@ class _RNNBase(nn.Module):
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
-            return implementation.module_forward(self, input, hx)
+            if lengths is None:
+                return implementation.module_forward(self, input, hx)
+            return self._native_with_lengths(implementation.module_forward, input, hx, lengths)
         exporting = _onnx.is_exporting()
         if exporting:
             _onnx.refuse_variants(self.mode, variants)
             self._check_onnx(input)
-        if isinstance(input, PackedSequence):
+        packed_input = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = None
+        if packed_input:
+            if lengths is not None:
+                raise ValueError(f"{self.mode}: lengths= is for padded input; a PackedSequence "
+                                 "carries its own lengths")
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise ValueError(f"{self.mode}: PackedSequence data must be 2-D (sum of lengths, "
@@ -462,22 +479,26 @@ class _RNNBase(nn.Module):
                                  f"{input.dim()}D instead")
             self._check_input(input)
             batched = input.dim() == 3
-            lengths = sorted_indices = unsorted_indices = None
             if not batched:
+                if lengths is not None:
+                    raise _unbatched_lengths_error(self.mode, input)
                 x = input.unsqueeze(1)
             elif self.batch_first:
                 x = input.transpose(0, 1)
             else:
                 x = input
+            if lengths is not None:
+                x, lengths, sorted_indices, unsorted_indices = self._rows_by_length(
+                    x, lengths, exporting)
         if x.shape[0] == 0:
             raise RuntimeError(f"{self.mode}: Expected sequence length to be larger than 0 in RNN "
-                               f"(input has shape {_shape(input if lengths is None else x)})")
+                               f"(input has shape {_shape(x if packed_input else input)})")
         batch = x.shape[1]
         states = self._initial_states(hx, x, batch, batched, sorted_indices)
         if reset is not None:
             # reset follows the input's layout: (T, B), (B, T) with batch_first, (T,)
             # unbatched, and (T_max, B) in the original batch order for a PackedSequence.
-            if lengths is not None:
+            if packed_input:
                 expected = (x.shape[0], batch)
             elif not batched:
                 expected = (x.shape[0],)
@@ -486,14 +507,14 @@ class _RNNBase(nn.Module):
             reset = _check_reset(reset, self.mode, expected, x.device)
             if not batched:
                 reset = reset.unsqueeze(1)
-            elif lengths is None and self.batch_first:
+            elif not packed_input and self.batch_first:
                 reset = reset.t()
-            elif sorted_indices is not None:
+            if sorted_indices is not None:
                 reset = reset.index_select(1, sorted_indices.to(x.device))
         dtype = _run_dtype(x, autocast_covers_cpu=self.mode == "LSTM")
         if exporting:  # ONNX's own LSTM / GRU nodes, one per layer (lstmgru.onnx)
             output, final = self._onnx_layers(x.to(dtype), [s.to(dtype) for s in states],
-                                              dtype)
+                                              dtype, lengths)
         else:
             with _autocast_off(x.device):
                 output, final = self._layers(x.to(dtype).contiguous(),
@@ -501,16 +522,95 @@ class _RNNBase(nn.Module):
                                              implementation.recurrence,
                                              options if variants else None, reset)
 
-        if lengths is not None:
-            packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
-            output = PackedSequence(packed.data, batch_sizes_t, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
-                final = [f.index_select(1, unsorted_indices) for f in final]
+        if unsorted_indices is not None:
+            final = [f.index_select(1, unsorted_indices) for f in final]
+        if packed_input:
+            output = PackedSequence(pack_rows(output, lengths.host), batch_sizes_t,
+                                    sorted_indices, unsorted_indices)
         elif not batched:
             output = output.squeeze(1)
             final = [f.squeeze(1) for f in final]
-        elif self.batch_first:
-            output = output.transpose(0, 1)
+        else:
+            if unsorted_indices is not None:  # lengths=: the rows back in the caller's order
+                output = output.index_select(1, unsorted_indices)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+        return output, (tuple(final) if self.mode == "LSTM" else final[0])
+
+    def _rows_by_length(self, x: torch.Tensor, lengths, exporting: bool):
+        """``lengths=``: x (T, B, I) with its rows sorted by length, exactly as
+        ``pack_padded_sequence(enforce_sorted=False)`` sorts them (so every implementation
+        then runs what it runs for that packed input, bit for bit), the ``Lengths``, and
+        the permutation and its inverse.
+
+        Nothing here reads the lengths' values on the host when they are on a device: they
+        are sorted there, and the Triton kernels take them there. (The reference's loop
+        slices the active rows by host counts, so it copies them inside its op.)
+        """
+        T = x.shape[0]
+        tracing = torch.compiler.is_compiling()
+        per_row, on_host = lengths_argument(lengths, x.shape[1], self.mode)
+        if on_host and not tracing:
+            check_length_values(per_row, T, self.mode)
+        if exporting:  # ONNX's sequence_lens takes rows in any order
+            return x, Lengths(None, per_row.to(x.device)), None, None
+        ordered, sorted_indices = torch.sort(per_row, descending=True)
+        sorted_indices = sorted_indices.to(x.device)
+        # Host lengths let inter-layer dropout draw its mask on the packed rows, as torch.nn's
+        # packed call does (_inter_layer_dropout); a traced call keeps to tensor ops.
+        host = ordered if on_host and not tracing else None
+        return (x.index_select(1, sorted_indices), Lengths(None, ordered.to(x.device), host),
+                sorted_indices, invert_permutation(sorted_indices))
+
+    def _native_with_lengths(self, module_forward, input, hx, lengths):
+        """``lengths=`` on torch's own kernel: ``pack_padded_sequence(enforce_sorted=False)``,
+        torch.nn's forward, ``pad_packed_sequence(total_length=T)``, so the result is torch.nn's
+        on that packed input, bit for bit. Packing takes the lengths on the host: a copy (and
+        a wait) where they are on a device. Rows of length 0, which packing refuses, take no
+        step: their output is 0 and their final state is hx (or 0)."""
+        if isinstance(input, PackedSequence):
+            raise ValueError(f"{self.mode}: lengths= is for padded input; a PackedSequence "
+                             "carries its own lengths")
+        if not isinstance(input, torch.Tensor) or input.dim() != 3:
+            if isinstance(input, torch.Tensor) and input.dim() == 2:
+                raise _unbatched_lengths_error(self.mode, input)
+            return module_forward(self, input, hx)  # torch.nn's own error for the input
+        batch_dim = 0 if self.batch_first else 1
+        T, B = input.shape[1 - batch_dim], input.shape[batch_dim]
+        per_row, _ = lengths_argument(lengths, B, self.mode)
+        if per_row.is_meta:
+            raise ValueError(f"{self.mode}: torch's kernel packs the rows by their lengths, and "
+                             "lengths on the meta device have no values; pass them on the CPU "
+                             "or run lstmgru.use_backend('reference')")
+        host = per_row.cpu()
+        check_length_values(host, T, self.mode)
+        if B == 0 or bool((host > 0).all()):
+            packed = pack_padded_sequence(input, host, batch_first=self.batch_first,
+                                          enforce_sorted=False)
+            output, final = module_forward(self, packed, hx)
+            return pad_packed_sequence(output, batch_first=self.batch_first,
+                                       total_length=T)[0], final
+        x = input.transpose(0, 1) if self.batch_first else input
+        self._check_input(x)
+        states = self._initial_states(hx, x, B, True, None)  # checked; zeros for None
+        directions = 2 if self.bidirectional else 1
+        width = directions * (self.proj_size or self.hidden_size)
+        output = input.new_zeros((B, T, width) if self.batch_first else (T, B, width))
+        kept = (host > 0).nonzero().squeeze(1)
+        if kept.numel() == 0:
+            final = states
+        else:
+            rows = kept.to(input.device)
+            packed = pack_padded_sequence(input.index_select(batch_dim, rows), host[kept],
+                                          batch_first=self.batch_first, enforce_sorted=False)
+            kept_hx = [s.index_select(1, rows) for s in states]
+            kept_output, kept_final = module_forward(
+                self, packed, tuple(kept_hx) if self.mode == "LSTM" else kept_hx[0])
+            kept_output = pad_packed_sequence(kept_output, batch_first=self.batch_first,
+                                              total_length=T)[0]
+            output = output.index_copy(batch_dim, rows, kept_output)
+            kept_final = kept_final if self.mode == "LSTM" else (kept_final,)
+            final = [s.index_copy(1, rows, f) for s, f in zip(states, kept_final)]
         return output, (tuple(final) if self.mode == "LSTM" else final[0])
 
     def _layers(self, x, states, lengths, dtype, recurrence, options=None, reset=None):
@@ -521,6 +621,7 @@ class _RNNBase(nn.Module):
         self._update_flat_weights()  # parametrizations and functional_call swap the weights
         per_layer = len(self._all_weights[0])
         finals: List[List[torch.Tensor]] = [[] for _ in states]
+        empty_rows = may_hold_empty_rows(lengths)
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
@@ -537,6 +638,9 @@ class _RNNBase(nn.Module):
                         reset, None if lengths is None else lengths.per_row, direction == 1)
                 y, *last = self._run_layer(layer_input, weights, layer_states, lengths,
                                            direction == 1, recurrence, variants)
+                if empty_rows:
+                    last = [keep_initial_state(f, s, lengths.per_row)
+                            for f, s in zip(last, layer_states)]
                 outputs.append(y)
                 for kept, state in zip(finals, last):
                     kept.append(state)
@@ -546,13 +650,14 @@ class _RNNBase(nn.Module):
         return layer_input, [torch.stack(kept) for kept in finals]
 
     def _inter_layer_dropout(self, layer_input, lengths):
-        """Dropout where torch.nn applies it: on the packed data for packed input (so the same
-        seed draws the same mask), on the whole output otherwise."""
-        if lengths is None:
+        """Dropout where torch.nn applies it: on the packed rows where the lengths are on the
+        host (so the same seed draws torch.nn's mask for the packed call), else on the whole
+        output, where the zeros past each length stay zero (lengths= on a device: packing
+        would wait for it)."""
+        if lengths is None or lengths.host is None:
             return F.dropout(layer_input, self.dropout, training=True)
-        packed = pack_padded_sequence(layer_input, lengths.per_row.cpu(), enforce_sorted=True)
-        data = F.dropout(packed.data, self.dropout, training=True)
-        return pad_packed_sequence(PackedSequence(data, packed.batch_sizes))[0]
+        data = F.dropout(pack_rows(layer_input, lengths.host), self.dropout, training=True)
+        return unpack_rows(data, lengths.host, layer_input)
 
     def _norms(self, layer: int, direction: int, dtype) -> Optional[list]:
         if not self.layer_norm:
@@ -570,14 +675,18 @@ class _RNNBase(nn.Module):
 
     def _check_onnx(self, input) -> None:
         if isinstance(input, PackedSequence):
-            raise _onnx.unsupported("PackedSequence input (pass padded tensors)", self.mode)
+            # Its batch sizes are data: torch.export cannot trace pad_packed_sequence (torch's
+            # own pack -> pad fails there alone), so the padded input and lengths= are the way.
+            raise _onnx.unsupported("PackedSequence input (pass the padded input and lengths=, "
+                                    "which become the node's sequence_lens)", self.mode)
         if self.proj_size > 0:
             raise _onnx.unsupported(f"proj_size={self.proj_size} (ONNX's LSTM has no projection)",
                                     self.mode)
 
-    def _onnx_layers(self, x, states, dtype):
+    def _onnx_layers(self, x, states, dtype, lengths):
         """``_layers`` while ``torch.onnx.export`` traces: one ONNX node per layer, both
-        directions in it."""
+        directions in it; ``lengths`` become the nodes' ``sequence_lens``."""
+        sequence_lens = None if lengths is None else lengths.per_row
         directions = 2 if self.bidirectional else 1
         self._update_flat_weights()
         per_layer = len(self._all_weights[0])
@@ -592,7 +701,7 @@ class _RNNBase(nn.Module):
                 weights.append(w[:4] if self.bias else [w[0], w[1], None, None])
             rows = slice(layer * directions, (layer + 1) * directions)
             layer_input, *last = self._onnx_layer(layer_input, weights,
-                                                  [s[rows] for s in states])
+                                                  [s[rows] for s in states], sequence_lens)
             for kept, state in zip(finals, last):
                 kept.append(state)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -674,8 +783,9 @@ class LSTM(_RNNBase):
         return lstm_cell.layer(layer_input, self._split_weights(weights), states[0], states[1],
                                lengths, reverse, recurrence, variants)
 
-    def _onnx_layer(self, layer_input, weights, states):
-        return _onnx.lstm_layer(layer_input, weights, states[0], states[1])
+    def _onnx_layer(self, layer_input, weights, states, sequence_lens=None):
+        return _onnx.lstm_layer(layer_input, weights, states[0], states[1],
+                                sequence_lens=sequence_lens)
 
 
 class GRU(_RNNBase):
@@ -761,8 +871,9 @@ class GRU(_RNNBase):
         return gru_cell.layer(layer_input, self._split_weights(weights)[:4], states[0], lengths,
                               reverse, self.reset_after, recurrence, variants)
 
-    def _onnx_layer(self, layer_input, weights, states):
-        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after)
+    def _onnx_layer(self, layer_input, weights, states, sequence_lens=None):
+        return _onnx.gru_layer(layer_input, weights, states[0], self.reset_after,
+                               sequence_lens=sequence_lens)
 
 
 class _CellBase(nn.Module):

@@ -10,14 +10,23 @@ ONNX i, o, f, c; torch stacks the GRU gates r, z, n and ONNX z, r, h. ONNX's GRU
 both forms: ``linear_before_reset=1`` is torch's (``reset_after=True``), 0 the original GRU
 (``reset_after=False``).
 
-What ONNX's operators cannot express raises :class:`NotImplementedError` naming it:
-``proj_size`` (ONNX's LSTM has no projection) and ``PackedSequence`` input.
+Per-row lengths (``lengths=``) become the nodes' ``sequence_lens``; onnxruntime then zeroes
+the output past each length and takes each row's final state at its last step (in reverse,
+each row starts at its own last step), as lstmgru does, and a row of length 0 gets its
+initial state back (:func:`_keep_initial_state`).
+
+What cannot be exported raises :class:`NotImplementedError` naming it: ``proj_size`` (ONNX's
+LSTM has no projection) and ``PackedSequence`` input (its batch sizes are data, which
+``torch.export`` cannot trace through ``pad_packed_sequence``: pass the padded input with
+``lengths=`` instead).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from ._sequence import keep_initial_state
 
 __all__ = ["is_exporting", "lstm_layer", "gru_layer", "unsupported"]
 
@@ -68,13 +77,16 @@ def _bias(bias_ih: List[Optional[torch.Tensor]], bias_hh: List[Optional[torch.Te
 
 
 def lstm_layer(x: torch.Tensor, weights: Sequence[Sequence[Optional[torch.Tensor]]],
-               h0: torch.Tensor, c0: torch.Tensor, reverse: bool = False
+               h0: torch.Tensor, c0: torch.Tensor, reverse: bool = False, *,
+               sequence_lens: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer as one ONNX ``LSTM`` node.
 
     x (T, B, I); ``weights`` one (weight_ih, weight_hh, bias_ih, bias_hh) per direction (one,
     or two for a bidirectional layer; biases None without bias); h0, c0 (D, B, H); ``reverse``
-    for a single direction run backwards. Returns y (T, B, D*H), h_n (D, B, H), c_n (D, B, H).
+    for a single direction run backwards; ``sequence_lens`` None or the (B,) row lengths
+    (``lengths=``, see ``_keep_initial_state``). Returns y (T, B, D*H), h_n (D, B, H),
+    c_n (D, B, H).
     """
     D = len(weights)
     T, B, _ = x.shape
@@ -83,14 +95,16 @@ def lstm_layer(x: torch.Tensor, weights: Sequence[Sequence[Optional[torch.Tensor
     y, h_n, c_n = torch.onnx.ops.symbolic_multi_out(
         "LSTM",
         [x, _stack(w_ih, _LSTM_ORDER), _stack(w_hh, _LSTM_ORDER),
-         _bias(b_ih, b_hh, _LSTM_ORDER), None, h0, c0],
+         _bias(b_ih, b_hh, _LSTM_ORDER), _int32(sequence_lens), h0, c0],
         {"hidden_size": H, "direction": _direction(D, reverse)},
         dtypes=[x.dtype] * 3, shapes=[(T, D, B, H), (D, B, H), (D, B, H)], version=_OPSET)
-    return _merge_directions(y), h_n, c_n
+    return (_merge_directions(y), _keep_initial_state(h_n, h0, sequence_lens),
+            _keep_initial_state(c_n, c0, sequence_lens))
 
 
 def gru_layer(x: torch.Tensor, weights: Sequence[Sequence[Optional[torch.Tensor]]],
-              h0: torch.Tensor, reset_after: bool = True, reverse: bool = False
+              h0: torch.Tensor, reset_after: bool = True, reverse: bool = False, *,
+              sequence_lens: Optional[torch.Tensor] = None
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One GRU layer as one ONNX ``GRU`` node; arguments as :func:`lstm_layer`'s.
     Returns y (T, B, D*H), h_n (D, B, H)."""
@@ -101,11 +115,26 @@ def gru_layer(x: torch.Tensor, weights: Sequence[Sequence[Optional[torch.Tensor]
     y, h_n = torch.onnx.ops.symbolic_multi_out(
         "GRU",
         [x, _stack(w_ih, _GRU_ORDER), _stack(w_hh, _GRU_ORDER), _bias(b_ih, b_hh, _GRU_ORDER),
-         None, h0],
+         _int32(sequence_lens), h0],
         {"hidden_size": H, "direction": _direction(D, reverse),
          "linear_before_reset": int(reset_after)},
         dtypes=[x.dtype] * 2, shapes=[(T, D, B, H), (D, B, H)], version=_OPSET)
-    return _merge_directions(y), h_n
+    return _merge_directions(y), _keep_initial_state(h_n, h0, sequence_lens)
+
+
+def _int32(sequence_lens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # ONNX's LSTM and GRU take sequence_lens as int32 only.
+    return None if sequence_lens is None else sequence_lens.to(torch.int32)
+
+
+def _keep_initial_state(final: torch.Tensor, initial: torch.Tensor,
+                        sequence_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """onnxruntime gives a row of length 0 the final state 0; lstmgru's (and torch.nn's rule
+    of no step) is its initial state. Past each row's length onnxruntime's Y is 0 and the
+    final state is taken at the row's last step in both directions, as lstmgru's."""
+    if sequence_lens is None:
+        return final
+    return keep_initial_state(final, initial, sequence_lens)
 
 
 def _merge_directions(y: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,55 @@ def test_export_matches_onnxruntime(cell, batch_first, with_hx, reset_after):
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+class _WithLengths(torch.nn.Module):
+    """Per-row lengths as a model input: ``rnn(x, hx, lengths=lengths)``."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths, h0):
+        hx = (h0, h0.tanh()) if isinstance(self.rnn, lstmgru.LSTM) else h0
+        return self.rnn(x, hx, lengths=lengths)
+
+
+@pytest.mark.parametrize("cell, batch_first, reset_after", [
+    ("LSTM", True, True), ("GRU", False, True), ("GRU", True, False)])
+def test_lengths_export_to_sequence_lens(cell, batch_first, reset_after):
+    """lengths= becomes the nodes' sequence_lens. onnxruntime zeroes Y past each length and
+    takes the final state at each row's last step in both directions, as lstmgru does; only
+    rows of length 0 (final state 0 there, hx here) are fixed in the graph. Checked at two T
+    and two B neither of which was traced, with unsorted lengths, ties, 0, T and T past the
+    longest row."""
+    torch.manual_seed(1)
+    kwargs = {} if cell == "LSTM" else {"reset_after": reset_after}
+    model = _WithLengths(getattr(lstmgru, cell)(INPUT, HIDDEN, num_layers=2, bidirectional=True,
+                                               batch_first=batch_first, **kwargs)).eval()
+    T, B = Dim("T", min=2), Dim("B", min=2)
+
+    def inputs(t, lengths):
+        b = len(lengths)
+        x = torch.randn((b, t, INPUT) if batch_first else (t, b, INPUT))
+        return x, torch.tensor(lengths), torch.randn(4, b, HIDDEN)
+
+    proto = _export(model, inputs(4, [4, 2, 3]),
+                    ({0: B, 1: T} if batch_first else {0: T, 1: B}, {0: B}, {1: B}))
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count(cell) == 2, ops
+    assert all(len(n.input) > 4 and n.input[4] for n in proto.graph.node if n.op_type == cell)
+    with torch.no_grad():
+        for t, lengths in ((6, [6, 0, 3, 3]), (9, [2, 7, 5])):
+            args = inputs(t, lengths)
+            expected = _flat(model(*args))
+            got = _run(proto, list(args))
+            for g, e in zip(got, expected):
+                assert g.shape == e.shape
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            if 0 in lengths:
+                row = lengths.index(0)
+                assert torch.equal(got[1][:, row], args[2][:, row])  # h_n = h0
+
+
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
 def test_cell_export_matches_onnxruntime(cell):
     torch.manual_seed(0)
