@@ -25,14 +25,29 @@ Sync (dataflow, no counting barrier). Every program owns a monotone epoch flag, 
 own 128-byte line, counting the values it has published in this launch (flags are a fresh
 zeroed tensor per launch, so nothing is ever reset). Producer: store its slice,
 ``tl.debug_barrier()`` (all warps' stores are issued before the flag moves), then one release
-atomic add. Consumer: poll the flags of every program in its group with acquire atomics (never a
-plain load, which the compiler may hoist out of the loop) until all reach the epoch it needs,
-then ``tl.debug_barrier()`` so every warp reads after the acquire. Two ring slots suffice: a
-program overwrites a slot only after every program of its group has published the following
-value, which each does only after reading that slot (the partial sums' slots likewise
-alternate with the parity of the epoch being published). Every wait is bounded: after ``max_spins``
-polls the program records the step in an error word, stops waiting for the rest of the launch
-(so the launch ends instead of hanging the process) and the launcher raises RuntimeError.
+atomic add. Consumer: poll the flags of every program in its group until all reach the epoch
+it needs, then ``tl.debug_barrier()`` so every warp reads after the acquires. On the GPU each
+thread spins on its flag with ``ld.global.acquire.gpu`` inside inline assembly (a load, not a
+read-modify-write; the spin cannot be hoisted, and no CTA barrier runs per poll); Triton's
+interpreter, which runs no inline assembly, polls with acquire atomics instead (the ``POLL``
+constexpr, chosen by ``_poll_form``: everything else is the same kernel). Two ring slots
+suffice: a program overwrites a slot only after every program of its group has published the
+following value, which each does only after reading that slot (the partial sums' slots
+likewise alternate with the parity of the epoch being published). Every wait is bounded:
+after ``max_spins`` polls the program records the epoch in the launch's error word, stops
+waiting for the rest of the launch (so the launch ends instead of hanging the process).
+
+Error word, read without a host sync. The launcher never waits for the GPU: after each launch
+it queues a copy of the error word to pinned host memory and records an event; every later
+split launch (and ``check_errors()``) first reads the words whose events have completed, and
+raises RuntimeError naming the timed-out launch if one is set. So a timeout surfaces at the
+first split launch or ``check_errors()`` after the bad launch finished (its results are
+wrong); ``check_errors(wait=True)`` waits for all pending launches, and ``LSTMGRU_DEBUG_SYNC=1``
+does that after every launch (raising at the launch itself, at the cost of a host sync). A
+launch captured in a CUDA graph is not checked (nothing runs on the host at replay); debug
+such a case outside the graph. In the interpreter the launch has finished when it returns,
+so its word is read at once. Flags and error word are fresh device tensors per launch
+(zeroed asynchronously, which a CUDA graph replays): no epoch state lives on the host.
 
 Phases per step (each is one publish + one wait): LSTM forward and backward, GRU with
 reset_after=True: one. The original GRU (reset_after=False) needs two in both directions,
@@ -53,6 +68,7 @@ Lengths: row b is active at time t iff t < lengths[b]; an inactive row keeps its
 outputs 0 in both directions, so a reversed row starts at t = lengths[b] - 1 from (h0, c0).
 """
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -112,15 +128,18 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
         if per_group < 1:
             reason = f"{groups} batch groups of {block_b} rows exceed {num_sms} SMs"
             continue
+        # Recomputed per batch tile: fewer, wider groups leave more programs per group.
         if block_j is None:
-            block_j = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
+            width = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
         elif block_j < min_j:
             return None, f"block_j {block_j} is below the {min_j} units this path needs"
-        slices = triton.cdiv(H, block_j)
+        else:
+            width = block_j
+        slices = triton.cdiv(H, width)
         if groups * slices > num_sms:
             reason = f"{groups} x {slices} programs exceed {num_sms} SMs"
             continue
-        weight_bytes = gates * block_j * block_k * dtype.itemsize
+        weight_bytes = gates * width * block_k * dtype.itemsize
         if weight_bytes > _WEIGHT_BYTES:
             reason = (f"a weight slice of {weight_bytes // 1024} KB per program "
                       f"(> {_WEIGHT_BYTES // 1024} KB of registers)")
@@ -130,7 +149,7 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
             continue
         num_warps = 8 if weight_bytes > 32 * 1024 else 4
         split_k = min(num_warps, block_k // 16)
-        return SplitPlan(groups * slices, groups, slices, block_j, block_b, block_k, split_k,
+        return SplitPlan(groups * slices, groups, slices, width, block_b, block_k, split_k,
                          num_warps, use_dot), None
     return None, f"no split layout for batch {B}, hidden {H}, {dtype}: {reason}"
 
@@ -160,6 +179,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _poll_form() -> int:
+    """POLL_LD_ACQUIRE where the kernels are compiled for the GPU, POLL_INTERPRETED in
+    Triton's interpreter (which cannot run inline assembly)."""
+    return POLL_INTERPRETED if _interpreting() else POLL_LD_ACQUIRE
+
+
 def supports(B: int, H: int, dtype: torch.dtype, device, cell: str = "lstm") -> Optional[str]:
     """None if the split kernels can run this case, else the reason they cannot."""
     device = torch.device(device)
@@ -180,28 +205,65 @@ def _publish(flag_ptr, pid, FLAG_STRIDE: tl.constexpr):
     tl.atomic_add(flag_ptr + pid * FLAG_STRIDE, 1, sem="release", scope="gpu")
 
 
+# How a wait polls (the POLL constexpr). The GPU form is one acquire load per flag and
+# thread, spinning inside the inline assembly: no read-modify-write, no CTA barrier per poll.
+# Triton's interpreter runs no inline assembly, so it polls with acquire atomics instead; the
+# rest of every kernel is the same code in both.
+POLL_INTERPRETED = tl.constexpr(0)
+POLL_LD_ACQUIRE = tl.constexpr(1)
+
+# Spin on one flag: load with acquire semantics until it reaches the target or the budget of
+# polls is spent; the last value seen is the result. Labels inside { } are local to the block,
+# so the assembly can be inlined once per element.
+_SPIN_ASM = tl.constexpr("""{
+    .reg .pred %p_done;
+    .reg .u32 %n;
+    mov.u32 %n, 0;
+    SPIN:
+    ld.global.acquire.gpu.b32 $0, [$1];
+    setp.ge.s32 %p_done, $0, $2;
+    @%p_done bra DONE;
+    add.u32 %n, %n, 1;
+    setp.lt.u32 %p_done, %n, $3;
+    @%p_done bra SPIN;
+    DONE:
+}""")
+
+
+@triton.jit
+def _poll_flags(ptrs, targets, spins_left, POLL: tl.constexpr):
+    """The flags at ``ptrs`` once each reaches its target, or as they were when the budget of
+    ``spins_left`` polls ran out."""
+    if POLL == POLL_LD_ACQUIRE:
+        seen = tl.inline_asm_elementwise(_SPIN_ASM, "=r,l,r,r", [ptrs, targets, spins_left],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        # An acquire atomic, not a plain load: a load spin may be hoisted out of the loop.
+        seen = tl.atomic_add(ptrs, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (tl.min(seen - targets, axis=0) < 0) & (spins < spins_left):
+            seen = tl.atomic_add(ptrs, 0, sem="acquire", scope="gpu")
+            spins += 1
+    return seen
+
+
 @triton.jit
 def _wait(flag_ptr, first, count, target, spins_left, err_ptr, err_code,
-          FLAG_STRIDE: tl.constexpr, COUNT_PAD: tl.constexpr):
+          FLAG_STRIDE: tl.constexpr, COUNT_PAD: tl.constexpr, POLL: tl.constexpr):
     """Poll the flags of programs first .. first + count - 1 until all are >= target.
 
     Returns the poll budget for the next wait: unchanged after success, 0 after a timeout (the
     error word then holds err_code, and later waits of this launch fall straight through)."""
     idx = tl.arange(0, COUNT_PAD)
     ok = idx < count
-    ptrs = flag_ptr + (first + idx) * FLAG_STRIDE
-    # An acquire atomic, not a plain load: a load spin may be hoisted out of the loop.
-    seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
-                           target), axis=0)
-    spins = 0
-    while (seen < target) & (spins < spins_left):
-        seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
-                               target), axis=0)
-        spins += 1
-    if seen < target:
+    # Padding lanes poll the group's first flag against 0, which every flag meets at once.
+    ptrs = flag_ptr + (first + tl.where(ok, idx, 0)) * FLAG_STRIDE
+    targets = tl.where(ok, target, 0)
+    seen = _poll_flags(ptrs, targets, spins_left, POLL)
+    if tl.min(seen - targets, axis=0) < 0:
         tl.atomic_max(err_ptr, err_code)
         spins_left = 0
-    # Other warps read the exchanged data only after this warp's acquire.
+    # Every warp reads the exchanged data only after the acquires (made by other warps too).
     tl.debug_barrier()
     return spins_left
 
@@ -379,8 +441,8 @@ def _lstm_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     REVERSE: tl.constexpr, TRAINING: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES           # the first program of this batch group
@@ -412,7 +474,7 @@ def _lstm_fwd_kernel(
         t64 = t.to(tl.int64)
         # h_{t-1} of all units of the group is published once every flag reaches s + 1.
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                      SLICES_PAD)
+                      SLICES_PAD, POLL)
         acc, _ = _h_times_wt(ring_ptr + (s % 2) * B * H, row0, B, H, w, w, False, USE_DOT,
                              PRECISION, BLOCK_B, BLOCK_K)
         p_i, p_f, p_g, p_o = _split4(acc, BLOCK_B, BLOCK_J)
@@ -462,8 +524,8 @@ def _lstm_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
     PART_CHUNK: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -539,7 +601,7 @@ def _lstm_bwd_kernel(
                        BLOCK_K)
         _publish(flag_ptr, pid, FLAG_STRIDE)
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                      SLICES_PAD)
+                      SLICES_PAD, POLL)
         acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
         if HAS_LENGTHS:
             # An inactive step passed h through unchanged, and so does its gradient.
@@ -562,8 +624,9 @@ def _gru_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
-    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -604,7 +667,7 @@ def _gru_fwd_kernel(
         else:
             epoch = 2 * s + 1
         spins = _wait(flag_ptr, first, SLICES, epoch, spins, err_ptr, epoch, FLAG_STRIDE,
-                      SLICES_PAD)
+                      SLICES_PAD, POLL)
         h_all = ring_ptr + (s % 2) * B * H
         acc_rz, gh_n = _h_times_wt(h_all, row0, B, H, w_rz, w_n, RESET_AFTER, USE_DOT,
                                    PRECISION, BLOCK_B, BLOCK_K)
@@ -625,7 +688,7 @@ def _gru_fwd_kernel(
             tl.store(rh_ptr + st, r * h, mask=mask)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, epoch + 1, spins, err_ptr, epoch + 1,
-                          FLAG_STRIDE, SLICES_PAD)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
             gh_n, _ = _h_times_wt(rh_ptr, row0, B, H, w_n, w_n, False, USE_DOT, PRECISION,
                                   BLOCK_B, BLOCK_K)
             if BLOCK_N != BLOCK_J:
@@ -669,8 +732,8 @@ def _gru_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, PART_CHUNK: tl.constexpr, FLAG_STRIDE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    POLL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -747,7 +810,7 @@ def _gru_bwd_kernel(
                            BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                          SLICES_PAD)
+                          SLICES_PAD, POLL)
             acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B,
                                 PART_CHUNK)
             dh = tl.where(active, dh_t * z + acc, dh)
@@ -763,7 +826,7 @@ def _gru_bwd_kernel(
                            BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 1, spins, err_ptr, 2 * s + 1,
-                          FLAG_STRIDE, SLICES_PAD)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
             d_rh = _sum_partials(part_ptr, 0, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             da_r = tl.where(am, d_rh * h_prev * r * (1.0 - r), 0.0)
             tl.store(ggx_t + g_off, da_r, mask=mask)
@@ -777,7 +840,7 @@ def _gru_bwd_kernel(
                            BLOCK_K)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 2, spins, err_ptr, 2 * s + 2,
-                          FLAG_STRIDE, SLICES_PAD)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
             acc = _sum_partials(part_ptr, 1, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             dh = tl.where(active, dh_t * z + d_rh * r + acc, dh)
 
@@ -839,9 +902,12 @@ def _part_chunk(plan):
 
 
 def _run(kernel, plan, what, device, tensors, scalars, **meta):
-    """One launch of P co-resident programs with fresh flags; raises if a wait timed out.
+    """One launch of P co-resident programs with fresh flags and a fresh error word.
 
-    The kernel's arguments are ``*tensors, flags, error word, *scalars, max_spins``."""
+    The kernel's arguments are ``*tensors, flags, error word, *scalars, max_spins``. Nothing
+    here waits for the GPU (see "Error word" in the module docstring): earlier launches'
+    finished error words are checked first, this one's is read back once it has finished."""
+    check_errors()
     flags = torch.zeros((plan.programs, _FLAG_STRIDE), device=device, dtype=torch.int32)
     err = torch.zeros((1,), device=device, dtype=torch.int32)
     if device.type == "cuda":
@@ -852,18 +918,81 @@ def _run(kernel, plan, what, device, tensors, scalars, **meta):
         SLICES=plan.slices, SLICES_PAD=triton.next_power_of_2(plan.slices),
         FLAG_STRIDE=_FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
         BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=1,
+        num_warps=plan.num_warps, num_stages=1, POLL=_poll_form(),
         **meta,
     )
-    epoch = int(err.item())
-    if epoch:
-        # The error word holds the highest epoch a wait gave up on: the n-th value each
-        # program publishes (one per step; two for the original GRU; 1 is h0 or the first).
-        raise RuntimeError(
-            f"split {what}: a program waited more than {_MAX_SPINS} polls for the other programs "
-            f"of its batch group (epoch {epoch}; P={plan.programs} programs, grid "
+    _watch(err, what, plan)
+
+
+# --------------------------------------------------------------------------------------
+# Error words, read back without a host sync
+# --------------------------------------------------------------------------------------
+class _PendingError(NamedTuple):
+    done: object          # torch.cuda.Event recorded after the launch (None: already done)
+    word: torch.Tensor    # host memory holding the launch's error word once ``done``
+    what: str
+    plan: SplitPlan
+
+
+# Launches whose error word has not been read yet, oldest first, and the lock that guards
+# the list (launches may come from several threads).
+_pending = []
+_pending_lock = threading.Lock()
+
+
+def _debug_sync() -> bool:
+    return os.environ.get("LSTMGRU_DEBUG_SYNC") == "1"
+
+
+def _watch(err, what, plan):
+    """Arrange for a launch's error word to be read once the launch has finished."""
+    if err.device.type != "cuda":
+        # The interpreter returns after the launch has run, and err is host memory.
+        entry = _PendingError(None, err, what, plan)
+    elif torch.cuda.is_current_stream_capturing():
+        # A captured launch runs at each replay, where nothing on the host follows it.
+        return
+    else:
+        word = torch.empty((1,), dtype=torch.int32, pin_memory=True)
+        word.copy_(err, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(err.device))
+        entry = _PendingError(done, word, what, plan)
+    with _pending_lock:
+        _pending.append(entry)
+    check_errors(wait=_debug_sync())
+
+
+def check_errors(wait: bool = False) -> None:
+    """Raise RuntimeError if a finished split launch of this process timed out in a wait.
+
+    Each launch's error word is copied to host memory behind the launch and read here once
+    the copy is done: at the start of every split launch, and whenever this is called.
+    ``wait=True`` first waits for every pending launch (a host sync: for tests, the end of a
+    training step, or ``LSTMGRU_DEBUG_SYNC=1``, which does it after every launch)."""
+    with _pending_lock:
+        if wait:
+            for entry in _pending:
+                if entry.done is not None:
+                    entry.done.synchronize()
+        finished = [e for e in _pending if e.done is None or e.done.query()]
+        for entry in finished:
+            _pending.remove(entry)
+    for entry in finished:
+        # Host memory, written before ``done``: no device access, no wait.
+        epoch = int(entry.word.numpy()[0])
+        if epoch:
+            raise RuntimeError(_timeout_message(entry.what, entry.plan, epoch))
+
+
+def _timeout_message(what, plan, epoch):
+    # The error word holds the highest epoch a wait gave up on: the n-th value each program
+    # publishes (one per step; two for the original GRU; 1 is h0 or the first).
+    return (f"split {what}: a program waited more than {_MAX_SPINS} polls for the other "
+            f"programs of its batch group (epoch {epoch}; P={plan.programs} programs, grid "
             f"({plan.programs},), {plan.groups} group(s) of {plan.slices}); the programs were "
-            f"probably not all resident at once")
+            f"probably not all resident at once. Its results are wrong; the launch's error "
+            f"word was read after it finished, so later launches may have run meanwhile")
 
 
 def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool, *,

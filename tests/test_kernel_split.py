@@ -382,3 +382,17 @@ def test_plans_at_the_sizes_that_matter():
     # 18 rows: two batch groups that sync only among themselves.
     plan = K.split_plan(18, 768, torch.float16, 132, "gru")
     assert (plan.groups, plan.slices) == (2, 48)
+
+
+@pytest.mark.parametrize("B,H,dtype,cell", [
+    (256, 512, torch.float16, "lstm"), (256, 512, torch.bfloat16, "lstm"),
+    (256, 512, torch.float16, "gru"), (128, 512, torch.float32, "lstm"),
+    (128, 512, torch.float32, "gru")])
+def test_wider_batch_tiles_get_their_own_slice_width(B, H, dtype, cell):
+    # 16-row tiles leave too few programs per group for a slice that fits in registers; a
+    # 32-row tile halves the groups, so each group's slices are half as wide and fit.
+    plan = K.split_plan(B, H, dtype, 132, cell)
+    assert plan.block_b == 32
+    assert plan.programs == plan.groups * plan.slices <= 132
+    assert plan.slices * plan.block_j >= H
+    assert K._GATES[cell] * plan.block_j * plan.block_k * dtype.itemsize <= K._WEIGHT_BYTES
