@@ -1041,7 +1041,8 @@ def _watch(err, what, plan):
         # The interpreter returns after the launch has run, and err is host memory.
         entry = _PendingError(None, err, what, plan)
     elif torch.cuda.is_current_stream_capturing():
-        # A captured launch runs at each replay, where nothing on the host follows it.
+        # A captured launch runs at each replay, where nothing on the host follows it: its
+        # error word is not read back (see the module docstring).
         return
     else:
         word = torch.empty((1,), dtype=torch.int32, pin_memory=True)
@@ -1061,6 +1062,12 @@ def check_errors(wait: bool = False) -> None:
     the copy is done: at the start of every split launch, and whenever this is called.
     ``wait=True`` first waits for every pending launch (a host sync: for tests, the end of a
     training step, or ``LSTMGRU_DEBUG_SYNC=1``, which does it after every launch)."""
+    if not _pending:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Querying or waiting for an event is not allowed while a stream is being captured;
+        # the words stay pending until the first check after the capture.
+        return
     with _pending_lock:
         if wait:
             for entry in _pending:
