@@ -64,7 +64,9 @@ def compile_case(kernel, cell, B, H, dtype, tf32):
     sig = _signature(kernel, dtype)
     const = dict(SLICES=plan.slices, SLICES_PAD=triton.next_power_of_2(plan.slices),
                  FLAG_STRIDE=K._FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
-                 BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k,
+                 BLOCK_J=plan.block_j, SPLIT_K=plan.split_k,
+                 BLOCK_K=plan.block_k - plan.k_tail, SPLIT_K_TAIL=plan.split_k_tail,
+                 K_TAIL=plan.k_tail, POLL=K.POLL_LD_ACQUIRE.value,
                  PRECISION="tf32" if tf32 and dtype == torch.float32 else "ieee",
                  REVERSE=False, TRAINING=True, RESET_AFTER=reset_after, HAS_BHN=reset_after,
                  PART_CHUNK=K._part_chunk(plan))

@@ -25,14 +25,29 @@ Sync (dataflow, no counting barrier). Every program owns a monotone epoch flag, 
 own 128-byte line, counting the values it has published in this launch (flags are a fresh
 zeroed tensor per launch, so nothing is ever reset). Producer: store its slice,
 ``tl.debug_barrier()`` (all warps' stores are issued before the flag moves), then one release
-atomic add. Consumer: poll the flags of every program in its group with acquire atomics (never a
-plain load, which the compiler may hoist out of the loop) until all reach the epoch it needs,
-then ``tl.debug_barrier()`` so every warp reads after the acquire. Two ring slots suffice: a
-program overwrites a slot only after every program of its group has published the following
-value, which each does only after reading that slot (the partial sums' slots likewise
-alternate with the parity of the epoch being published). Every wait is bounded: after ``max_spins``
-polls the program records the step in an error word, stops waiting for the rest of the launch
-(so the launch ends instead of hanging the process) and the launcher raises RuntimeError.
+atomic add. Consumer: poll the flags of every program in its group until all reach the epoch
+it needs, then ``tl.debug_barrier()`` so every warp reads after the acquires. On the GPU each
+thread spins on its flag with ``ld.global.acquire.gpu`` inside inline assembly (a load, not a
+read-modify-write; the spin cannot be hoisted, and no CTA barrier runs per poll); Triton's
+interpreter, which runs no inline assembly, polls with acquire atomics instead (the ``POLL``
+constexpr, chosen by ``_poll_form``: everything else is the same kernel). Two ring slots
+suffice: a program overwrites a slot only after every program of its group has published the
+following value, which each does only after reading that slot (the partial sums' slots
+likewise alternate with the parity of the epoch being published). Every wait is bounded:
+after ``max_spins`` polls the program records the epoch in the launch's error word, stops
+waiting for the rest of the launch (so the launch ends instead of hanging the process).
+
+Error word, read without a host sync. The launcher never waits for the GPU: after each launch
+it queues a copy of the error word to pinned host memory and records an event; every later
+split launch (and ``check_errors()``) first reads the words whose events have completed, and
+raises RuntimeError naming the timed-out launch if one is set. So a timeout surfaces at the
+first split launch or ``check_errors()`` after the bad launch finished (its results are
+wrong); ``check_errors(wait=True)`` waits for all pending launches, and ``LSTMGRU_DEBUG_SYNC=1``
+does that after every launch (raising at the launch itself, at the cost of a host sync). A
+launch captured in a CUDA graph is not checked (nothing runs on the host at replay); debug
+such a case outside the graph. In the interpreter the launch has finished when it returns,
+so its word is read at once. Flags and error word are fresh device tensors per launch
+(zeroed asynchronously, which a CUDA graph replays): no epoch state lives on the host.
 
 Phases per step (each is one publish + one wait): LSTM forward and backward, GRU with
 reset_after=True: one. The original GRU (reset_after=False) needs two in both directions,
@@ -47,12 +62,17 @@ output (16 rows x gates * BLOCK_J) and a long reduction (H), so it is a batched 
 SPLIT_K pieces of the reduction, one per warp, summed afterwards; a plain tl.dot would make
 every warp hold a copy of the weights (checked by compiling for sm_90). Either way the
 exchanged fp32 operand is rounded to the weights' dtype first, so both paths compute the same
-thing. State and accumulators fp32.
+thing. State and accumulators fp32. The hidden size (the forward's reduction, the backward's
+output width) is held as a power-of-two head and, where that pads less or the size is 1024 or
+more, a power-of-two tail (``SplitPlan.k_tail``): H=768 is 512 + 256 columns, not 1024, and
+the backward forms and stores its partial sums one piece at a time, so only one piece's
+accumulator is live beside the stationary weights (no local memory in the time loop).
 
 Lengths: row b is active at time t iff t < lengths[b]; an inactive row keeps its state and
 outputs 0 in both directions, so a reversed row starts at t = lengths[b] - 1 from (h0, c0).
 """
 import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -84,10 +104,33 @@ class SplitPlan(NamedTuple):
     slices: int       # programs per group, each owning block_j hidden units
     block_j: int      # hidden units per program (with all their gates)
     block_b: int      # batch rows per group
-    block_k: int      # the hidden size padded to a power of two (the reduction, held whole)
+    block_k: int      # the hidden size padded (the reduction, held whole): head + k_tail
     split_k: int      # pieces of the forward's reduction, one per warp (tensor-core path)
     num_warps: int
     use_dot: bool     # tensor-core products (block_b >= 16) or CUDA-core multiply-and-sum
+    # The hidden size is held as two power-of-two pieces, a head of block_k - k_tail columns
+    # and a tail of k_tail (0: none), where that pads less or H >= 1024 (_hidden_pieces):
+    # H=768 is 512 + 256, not 1024. The forward's tail is split in split_k_tail pieces.
+    k_tail: int = 0
+    split_k_tail: int = 1
+
+
+# From this padded hidden size on, the backward's partial sums (BLOCK_B x hidden, fp32) are
+# formed in two pieces even where that saves no padding: one 1024-wide piece does not fit
+# in registers beside the stationary weights (fp32 at H=1024 spilled inside the time loop).
+_PIECES_FROM = 1024
+
+
+def _hidden_pieces(H):
+    """(padded hidden size, tail): a power-of-two head (at least 16) and, where it saves
+    padding or the hidden size is large (_PIECES_FROM), a power-of-two tail of at least 16
+    (tl.dot's smallest K) after it."""
+    whole = max(16, triton.next_power_of_2(H))
+    head = whole // 2
+    tail = max(16, triton.next_power_of_2(H - head)) if H > head else 0
+    if tail and (head + tail < whole or whole >= _PIECES_FROM):
+        return head + tail, tail
+    return whole, 0
 
 
 def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
@@ -97,7 +140,7 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
         return None, "hidden size must be at least 1"
     if gates * H * max(H, B) >= 2**31:
         return None, f"batch {B} x hidden {H} is too large (int32 offsets within a step)"
-    block_k = max(16, triton.next_power_of_2(H))
+    block_k, k_tail = _hidden_pieces(H)
     # Up to 8 rows: multiply-and-sum over the real rows. From 9 rows on, a 16-row tensor-core
     # tile wastes at most half of itself, and wider tiles keep the grid within one wave.
     use_dot = B > 8
@@ -112,15 +155,18 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
         if per_group < 1:
             reason = f"{groups} batch groups of {block_b} rows exceed {num_sms} SMs"
             continue
+        # Recomputed per batch tile: fewer, wider groups leave more programs per group.
         if block_j is None:
-            block_j = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
+            width = max(min_j, triton.next_power_of_2(triton.cdiv(H, per_group)))
         elif block_j < min_j:
             return None, f"block_j {block_j} is below the {min_j} units this path needs"
-        slices = triton.cdiv(H, block_j)
+        else:
+            width = block_j
+        slices = triton.cdiv(H, width)
         if groups * slices > num_sms:
             reason = f"{groups} x {slices} programs exceed {num_sms} SMs"
             continue
-        weight_bytes = gates * block_j * block_k * dtype.itemsize
+        weight_bytes = gates * width * block_k * dtype.itemsize
         if weight_bytes > _WEIGHT_BYTES:
             reason = (f"a weight slice of {weight_bytes // 1024} KB per program "
                       f"(> {_WEIGHT_BYTES // 1024} KB of registers)")
@@ -129,9 +175,10 @@ def _plan_or_reason(B, H, dtype, num_sms, gates, block_j=None):
             reason = f"an operand tile of {block_b} x {block_k} is too large for registers"
             continue
         num_warps = 8 if weight_bytes > 32 * 1024 else 4
-        split_k = min(num_warps, block_k // 16)
-        return SplitPlan(groups * slices, groups, slices, block_j, block_b, block_k, split_k,
-                         num_warps, use_dot), None
+        split_k = min(num_warps, (block_k - k_tail) // 16)
+        split_k_tail = max(1, min(num_warps, k_tail // 16))
+        return SplitPlan(groups * slices, groups, slices, width, block_b, block_k, split_k,
+                         num_warps, use_dot, k_tail, split_k_tail), None
     return None, f"no split layout for batch {B}, hidden {H}, {dtype}: {reason}"
 
 
@@ -160,6 +207,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _poll_form() -> int:
+    """POLL_LD_ACQUIRE where the kernels are compiled for the GPU, POLL_INTERPRETED in
+    Triton's interpreter (which cannot run inline assembly)."""
+    return POLL_INTERPRETED if _interpreting() else POLL_LD_ACQUIRE
+
+
 def supports(B: int, H: int, dtype: torch.dtype, device, cell: str = "lstm") -> Optional[str]:
     """None if the split kernels can run this case, else the reason they cannot."""
     device = torch.device(device)
@@ -180,56 +233,94 @@ def _publish(flag_ptr, pid, FLAG_STRIDE: tl.constexpr):
     tl.atomic_add(flag_ptr + pid * FLAG_STRIDE, 1, sem="release", scope="gpu")
 
 
+# How a wait polls (the POLL constexpr). The GPU form is one acquire load per flag and
+# thread, spinning inside the inline assembly: no read-modify-write, no CTA barrier per poll.
+# Triton's interpreter runs no inline assembly, so it polls with acquire atomics instead; the
+# rest of every kernel is the same code in both.
+POLL_INTERPRETED = tl.constexpr(0)
+POLL_LD_ACQUIRE = tl.constexpr(1)
+
+# Spin on one flag: load with acquire semantics until it reaches the target or the budget of
+# polls is spent; the last value seen is the result. Labels inside { } are local to the block,
+# so the assembly can be inlined once per element.
+_SPIN_ASM = tl.constexpr("""{
+    .reg .pred %p_done;
+    .reg .u32 %n;
+    mov.u32 %n, 0;
+    SPIN:
+    ld.global.acquire.gpu.b32 $0, [$1];
+    setp.ge.s32 %p_done, $0, $2;
+    @%p_done bra DONE;
+    add.u32 %n, %n, 1;
+    setp.lt.u32 %p_done, %n, $3;
+    @%p_done bra SPIN;
+    DONE:
+}""")
+
+
+@triton.jit
+def _poll_flags(ptrs, targets, spins_left, POLL: tl.constexpr):
+    """The flags at ``ptrs`` once each reaches its target, or as they were when the budget of
+    ``spins_left`` polls ran out."""
+    if POLL == POLL_LD_ACQUIRE:
+        seen = tl.inline_asm_elementwise(_SPIN_ASM, "=r,l,r,r", [ptrs, targets, spins_left],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        # An acquire atomic, not a plain load: a load spin may be hoisted out of the loop.
+        seen = tl.atomic_add(ptrs, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (tl.min(seen - targets, axis=0) < 0) & (spins < spins_left):
+            seen = tl.atomic_add(ptrs, 0, sem="acquire", scope="gpu")
+            spins += 1
+    return seen
+
+
 @triton.jit
 def _wait(flag_ptr, first, count, target, spins_left, err_ptr, err_code,
-          FLAG_STRIDE: tl.constexpr, COUNT_PAD: tl.constexpr):
+          FLAG_STRIDE: tl.constexpr, COUNT_PAD: tl.constexpr, POLL: tl.constexpr):
     """Poll the flags of programs first .. first + count - 1 until all are >= target.
 
     Returns the poll budget for the next wait: unchanged after success, 0 after a timeout (the
     error word then holds err_code, and later waits of this launch fall straight through)."""
     idx = tl.arange(0, COUNT_PAD)
     ok = idx < count
-    ptrs = flag_ptr + (first + idx) * FLAG_STRIDE
-    # An acquire atomic, not a plain load: a load spin may be hoisted out of the loop.
-    seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
-                           target), axis=0)
-    spins = 0
-    while (seen < target) & (spins < spins_left):
-        seen = tl.min(tl.where(ok, tl.atomic_add(ptrs, 0, mask=ok, sem="acquire", scope="gpu"),
-                               target), axis=0)
-        spins += 1
-    if seen < target:
+    # Padding lanes poll the group's first flag against 0, which every flag meets at once.
+    ptrs = flag_ptr + (first + tl.where(ok, idx, 0)) * FLAG_STRIDE
+    targets = tl.where(ok, target, 0)
+    seen = _poll_flags(ptrs, targets, spins_left, POLL)
+    if tl.min(seen - targets, axis=0) < 0:
         tl.atomic_max(err_ptr, err_code)
         spins_left = 0
-    # Other warps read the exchanged data only after this warp's acquire.
+    # Every warp reads the exchanged data only after the acquires (made by other warps too).
     tl.debug_barrier()
     return spins_left
 
 
 @triton.jit
-def _weight_rows(w_ptr, q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+def _weight_rows(w_ptr, q0, j0, j_end, H, k0, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k]:
-    the rows of this program's units for NQ consecutive gates, zero for units >= j_end and
-    columns >= H."""
+    """(NQ * BLOCK_J, BLOCK_K) with [q * BLOCK_J + j, k] = weight[(q0 + q) * H + j0 + j, k0 + k]:
+    the rows of this program's units for NQ consecutive gates, columns k0 .. k0 + BLOCK_K - 1
+    (one piece of the hidden size, see SplitPlan.k_tail), zero for units >= j_end and columns
+    >= H."""
     r = tl.arange(0, NQ * BLOCK_J)
     unit = j0 + r % BLOCK_J
-    ks = tl.arange(0, BLOCK_K)
+    ks = k0 + tl.arange(0, BLOCK_K)
     rows = (q0 + r // BLOCK_J) * H + unit
     mask = (unit < j_end)[:, None] & (ks < H)[None, :]
     return tl.load(w_ptr + rows.to(tl.int64)[:, None] * H + ks[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _weight_rows_split_k(w_ptr, q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_rows_split_k(w_ptr, q0, j0, j_end, H, k0, NQ: tl.constexpr,
+                         BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The same rows as _weight_rows, transposed and cut along the reduction into SPLIT_K
     pieces: (SPLIT_K, BLOCK_K // SPLIT_K, NQ * BLOCK_J), the batched operand of _h_times_wt."""
     KC: tl.constexpr = BLOCK_K // SPLIT_K
     r = tl.arange(0, NQ * BLOCK_J)
     unit = j0 + r % BLOCK_J
     rows = (q0 + r // BLOCK_J) * H + unit
-    ks = tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
+    ks = k0 + tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
     mask = (unit < j_end)[None, None, :] & (ks < H)
     return tl.load(w_ptr + rows.to(tl.int64)[None, None, :] * H + ks, mask=mask, other=0.0)
 
@@ -245,10 +336,11 @@ def _own_gate_cols(q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
-def _h_times_wt(a_ptr, row0, B, H, w, w2, HAS_W2: tl.constexpr, USE_DOT: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_B, N) fp32 = A[row0 + b, :H] @ W^T for the stationary W of N rows, and the same
-    with w2 when HAS_W2 (the operand is then read once for both products).
+def _h_times_wt(a_ptr, row0, B, H, k0, w, w2, HAS_W2: tl.constexpr, USE_DOT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, N) fp32 = A[row0 + b, k0:k0 + K] @ W^T for the stationary piece W of N rows
+    and K columns (of the hidden size), and the same with w2 when HAS_W2 (the operand is then
+    read once for both products).
 
     A is an fp32 (B, H) exchange buffer; it is rounded to the weights' dtype first. With
     USE_DOT, w is _weight_rows_split_k's (SPLIT_K, KC, N): a batched tensor-core product whose
@@ -259,7 +351,7 @@ def _h_times_wt(a_ptr, row0, B, H, w, w2, HAS_W2: tl.constexpr, USE_DOT: tl.cons
     if USE_DOT:
         SPLIT_K: tl.constexpr = w.shape[0]
         KC: tl.constexpr = w.shape[1]
-        ks = tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]
+        ks = k0 + tl.arange(0, SPLIT_K)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]
         rows = (row0 + b)[None, :, None]
         a = tl.load(a_ptr + rows * H + ks, mask=(rows < B) & (ks < H), other=0.0).to(w.dtype)
         acc = tl.sum(tl.dot(a, w, input_precision=PRECISION), axis=0)
@@ -269,7 +361,8 @@ def _h_times_wt(a_ptr, row0, B, H, w, w2, HAS_W2: tl.constexpr, USE_DOT: tl.cons
     else:
         N: tl.constexpr = w.shape[0]
         N2: tl.constexpr = w2.shape[0]
-        ks = tl.arange(0, BLOCK_K)
+        BLOCK_K: tl.constexpr = w.shape[1]
+        ks = k0 + tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_B, N), tl.float32)
         acc2 = tl.zeros((BLOCK_B, N2), tl.float32)
         for i in tl.static_range(BLOCK_B):
@@ -312,14 +405,74 @@ def _own_times_w(d_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT: tl.constexpr
 
 
 @triton.jit
-def _store_partial(part_ptr, slot, index, slices, row0, B, H, acc, BLOCK_B: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """part[slot, index, row0 + b, :H] = acc; part is fp32 (2, slices, B, H)."""
+def _store_partial(part_ptr, slot, index, slices, row0, B, H, k0, acc, BLOCK_B: tl.constexpr):
+    """part[slot, index, row0 + b, k0:k0 + K] = acc (K = acc's width, columns < H);
+    part is fp32 (2, slices, B, H)."""
+    BLOCK_K: tl.constexpr = acc.shape[1]
     rows = row0 + tl.arange(0, BLOCK_B)
-    ks = tl.arange(0, BLOCK_K)
+    ks = k0 + tl.arange(0, BLOCK_K)
     base = (slot * slices + index).to(tl.int64) * B * H
     tl.store(part_ptr + base + rows[:, None] * H + ks[None, :], acc,
              mask=(rows < B)[:, None] & (ks < H)[None, :])
+
+
+@triton.jit
+def _stationary(w_ptr, q0, j0, j_end, H, NQ: tl.constexpr, BLOCK_J: tl.constexpr,
+                SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K_TAIL: tl.constexpr, K_TAIL: tl.constexpr):
+    """This program's stationary rows of NQ gates as two pieces of the hidden size: columns
+    0 .. BLOCK_K - 1 and, when K_TAIL > 0, BLOCK_K .. BLOCK_K + K_TAIL - 1 (the tail is the
+    head again when there is none, and then unused). SPLIT: the forward's tensor-core operand
+    (_weight_rows_split_k), else _weight_rows'."""
+    if SPLIT:
+        w = _weight_rows_split_k(w_ptr, q0, j0, j_end, H, 0, NQ, BLOCK_J, SPLIT_K, BLOCK_K)
+    else:
+        w = _weight_rows(w_ptr, q0, j0, j_end, H, 0, NQ, BLOCK_J, BLOCK_K)
+    w_tail = w
+    if K_TAIL > 0:
+        if SPLIT:
+            w_tail = _weight_rows_split_k(w_ptr, q0, j0, j_end, H, BLOCK_K, NQ, BLOCK_J,
+                                          SPLIT_K_TAIL, K_TAIL)
+        else:
+            w_tail = _weight_rows(w_ptr, q0, j0, j_end, H, BLOCK_K, NQ, BLOCK_J, K_TAIL)
+    return w, w_tail
+
+
+@triton.jit
+def _h_times_stationary(a_ptr, row0, B, H, w, w_tail, w2, w2_tail, HAS_W2: tl.constexpr,
+                        USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_K: tl.constexpr, K_TAIL: tl.constexpr):
+    """_h_times_wt over both pieces of the hidden size (see _stationary), summed."""
+    acc, acc2 = _h_times_wt(a_ptr, row0, B, H, 0, w, w2, HAS_W2, USE_DOT, PRECISION, BLOCK_B)
+    if K_TAIL > 0:
+        tail, tail2 = _h_times_wt(a_ptr, row0, B, H, BLOCK_K, w_tail, w2_tail, HAS_W2, USE_DOT,
+                                  PRECISION, BLOCK_B)
+        acc += tail
+        acc2 += tail2
+    return acc, acc2
+
+
+@triton.jit
+def _publish_partials(part_ptr, slot, index, slices, row0, B, H, d_ptr, stride, cols, cols_ok,
+                      w, w_tail, cols2, cols2_ok, w2, w2_tail, HAS_W2: tl.constexpr,
+                      USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_K: tl.constexpr, K_TAIL: tl.constexpr):
+    """Store this program's partial dL/dh of every unit (_own_times_w of its gate gradients at
+    ``cols``, plus those at ``cols2`` when HAS_W2) into slot ``slot``, one piece of the hidden
+    size at a time: each piece's product is stored before the next is formed, so only one
+    piece's (BLOCK_B, piece) accumulator is live."""
+    part = _own_times_w(d_ptr, stride, row0, B, cols, cols_ok, w, USE_DOT, PRECISION, BLOCK_B)
+    if HAS_W2:
+        part += _own_times_w(d_ptr, stride, row0, B, cols2, cols2_ok, w2, USE_DOT, PRECISION,
+                             BLOCK_B)
+    _store_partial(part_ptr, slot, index, slices, row0, B, H, 0, part, BLOCK_B)
+    if K_TAIL > 0:
+        part = _own_times_w(d_ptr, stride, row0, B, cols, cols_ok, w_tail, USE_DOT, PRECISION,
+                            BLOCK_B)
+        if HAS_W2:
+            part += _own_times_w(d_ptr, stride, row0, B, cols2, cols2_ok, w2_tail, USE_DOT,
+                                 PRECISION, BLOCK_B)
+        _store_partial(part_ptr, slot, index, slices, row0, B, H, BLOCK_K, part, BLOCK_B)
 
 
 @triton.jit
@@ -379,8 +532,9 @@ def _lstm_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     REVERSE: tl.constexpr, TRAINING: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K_TAIL: tl.constexpr, K_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES           # the first program of this batch group
@@ -395,10 +549,8 @@ def _lstm_fwd_kernel(
         lens = tl.load(len_ptr + rows, mask=rows < B, other=0)
 
     # Loaded once, used in every step: gates i, f, g, o of this program's units.
-    if USE_DOT:
-        w = _weight_rows_split_k(w_ptr, 0, j0, H, H, 4, BLOCK_J, SPLIT_K, BLOCK_K)
-    else:
-        w = _weight_rows(w_ptr, 0, j0, H, H, 4, BLOCK_J, BLOCK_K)
+    w, w_tail = _stationary(w_ptr, 0, j0, H, H, 4, BLOCK_J, USE_DOT, SPLIT_K, BLOCK_K,
+                            SPLIT_K_TAIL, K_TAIL)
     # The own slice of the state never leaves the program: h for the kept state of inactive
     # rows, c entirely.
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -412,9 +564,10 @@ def _lstm_fwd_kernel(
         t64 = t.to(tl.int64)
         # h_{t-1} of all units of the group is published once every flag reaches s + 1.
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                      SLICES_PAD)
-        acc, _ = _h_times_wt(ring_ptr + (s % 2) * B * H, row0, B, H, w, w, False, USE_DOT,
-                             PRECISION, BLOCK_B, BLOCK_K)
+                      SLICES_PAD, POLL)
+        acc, _ = _h_times_stationary(ring_ptr + (s % 2) * B * H, row0, B, H, w, w_tail, w,
+                                     w_tail, False, USE_DOT, PRECISION, BLOCK_B, BLOCK_K,
+                                     K_TAIL)
         p_i, p_f, p_g, p_o = _split4(acc, BLOCK_B, BLOCK_J)
         gx_t = gx_ptr + t64 * (4 * B * H) + g_off
         i = sigmoid(p_i + tl.load(gx_t, mask=mask, other=0.0).to(tl.float32))
@@ -462,8 +615,9 @@ def _lstm_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr, SLICES: tl.constexpr, SLICES_PAD: tl.constexpr,
     PART_CHUNK: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K_TAIL: tl.constexpr, K_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -480,7 +634,7 @@ def _lstm_bwd_kernel(
 
     # The forward's rows of weight_hh for this program's units, loaded once: with them it
     # turns its own gate gradients into a partial dL/dh_{t-1} of every unit.
-    w = _weight_rows(w_ptr, 0, j0, H, H, 4, BLOCK_J, BLOCK_K)
+    w, w_tail = _stationary(w_ptr, 0, j0, H, H, 4, BLOCK_J, False, 1, BLOCK_K, 1, K_TAIL)
     # dL/dh and dL/dc of the own units flowing backwards; after the last step they are the
     # gradients of h0 and c0.
     dh = _load_or_zeros(ghn_ptr, st, mask, HAS_GHN, BLOCK_B, BLOCK_J)
@@ -533,13 +687,12 @@ def _lstm_bwd_kernel(
         tl.store(dgx_t + g_off + 3 * H, da_o, mask=mask)
         # Read back as one gate-major operand row by the other warps of this program.
         tl.debug_barrier()
-        part = _own_times_w(dgx_t, 4 * H, row0, B, own_cols, own_ok, w, USE_DOT, PRECISION,
-                            BLOCK_B)
-        _store_partial(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
-                       BLOCK_K)
+        _publish_partials(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, dgx_t, 4 * H,
+                          own_cols, own_ok, w, w_tail, own_cols, own_ok, w, w_tail, False,
+                          USE_DOT, PRECISION, BLOCK_B, BLOCK_K, K_TAIL)
         _publish(flag_ptr, pid, FLAG_STRIDE)
         spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                      SLICES_PAD)
+                      SLICES_PAD, POLL)
         acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
         if HAS_LENGTHS:
             # An inactive step passed h through unchanged, and so does its gradient.
@@ -562,8 +715,10 @@ def _gru_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr, TRAINING: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
-    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLICES_PAD: tl.constexpr, FLAG_STRIDE: tl.constexpr, POLL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K_TAIL: tl.constexpr, K_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -581,12 +736,10 @@ def _gru_fwd_kernel(
     # (reset_after=False multiplies it with r * h instead of h). The n block has BLOCK_N rows:
     # BLOCK_J, or 2 * BLOCK_J with zero rows where tl.dot needs 16 and BLOCK_J is 8.
     n_end = tl.minimum(j0 + BLOCK_J, H)
-    if USE_DOT:
-        w_rz = _weight_rows_split_k(w_ptr, 0, j0, H, H, 2, BLOCK_J, SPLIT_K, BLOCK_K)
-        w_n = _weight_rows_split_k(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, SPLIT_K, BLOCK_K)
-    else:
-        w_rz = _weight_rows(w_ptr, 0, j0, H, H, 2, BLOCK_J, BLOCK_K)
-        w_n = _weight_rows(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, BLOCK_K)
+    w_rz, w_rz_tail = _stationary(w_ptr, 0, j0, H, H, 2, BLOCK_J, USE_DOT, SPLIT_K, BLOCK_K,
+                                  SPLIT_K_TAIL, K_TAIL)
+    w_n, w_n_tail = _stationary(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, USE_DOT, SPLIT_K, BLOCK_K,
+                                SPLIT_K_TAIL, K_TAIL)
     if HAS_BHN:
         b_n = tl.load(bhn_ptr + units, mask=units < H, other=0.0).to(tl.float32)[None, :]
     h = _load_or_zeros(h0_ptr, st, mask, HAS_H0, BLOCK_B, BLOCK_J)
@@ -604,10 +757,11 @@ def _gru_fwd_kernel(
         else:
             epoch = 2 * s + 1
         spins = _wait(flag_ptr, first, SLICES, epoch, spins, err_ptr, epoch, FLAG_STRIDE,
-                      SLICES_PAD)
+                      SLICES_PAD, POLL)
         h_all = ring_ptr + (s % 2) * B * H
-        acc_rz, gh_n = _h_times_wt(h_all, row0, B, H, w_rz, w_n, RESET_AFTER, USE_DOT,
-                                   PRECISION, BLOCK_B, BLOCK_K)
+        acc_rz, gh_n = _h_times_stationary(h_all, row0, B, H, w_rz, w_rz_tail, w_n, w_n_tail,
+                                           RESET_AFTER, USE_DOT, PRECISION, BLOCK_B, BLOCK_K,
+                                           K_TAIL)
         p_r, p_z = _split2(acc_rz, BLOCK_B, BLOCK_J)
         if BLOCK_N != BLOCK_J:
             gh_n, _ = _split2(gh_n, BLOCK_B, BLOCK_J)
@@ -625,9 +779,9 @@ def _gru_fwd_kernel(
             tl.store(rh_ptr + st, r * h, mask=mask)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, epoch + 1, spins, err_ptr, epoch + 1,
-                          FLAG_STRIDE, SLICES_PAD)
-            gh_n, _ = _h_times_wt(rh_ptr, row0, B, H, w_n, w_n, False, USE_DOT, PRECISION,
-                                  BLOCK_B, BLOCK_K)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
+            gh_n, _ = _h_times_stationary(rh_ptr, row0, B, H, w_n, w_n_tail, w_n, w_n_tail,
+                                          False, USE_DOT, PRECISION, BLOCK_B, BLOCK_K, K_TAIL)
             if BLOCK_N != BLOCK_J:
                 gh_n, _ = _split2(gh_n, BLOCK_B, BLOCK_J)
             n = tanh(x_n + gh_n)
@@ -669,8 +823,9 @@ def _gru_bwd_kernel(
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, RESET_AFTER: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SLICES: tl.constexpr,
     SLICES_PAD: tl.constexpr, PART_CHUNK: tl.constexpr, FLAG_STRIDE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    POLL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K_TAIL: tl.constexpr, K_TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     first = (pid // SLICES) * SLICES
@@ -690,8 +845,10 @@ def _gru_bwd_kernel(
     n_end = tl.minimum(j0 + BLOCK_J, H)
     rz_cols, rz_ok = _own_gate_cols(0, j0, H, H, 2, BLOCK_J)
     n_cols, n_ok = _own_gate_cols(2, j0, n_end, H, 1, BLOCK_N)
-    w_rz = _weight_rows(w_ptr, 0, j0, H, H, 2, BLOCK_J, BLOCK_K)
-    w_n = _weight_rows(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, BLOCK_K)
+    w_rz, w_rz_tail = _stationary(w_ptr, 0, j0, H, H, 2, BLOCK_J, False, 1, BLOCK_K, 1,
+                                  K_TAIL)
+    w_n, w_n_tail = _stationary(w_ptr, 2, j0, n_end, H, 1, BLOCK_N, False, 1, BLOCK_K, 1,
+                                K_TAIL)
     # dL/dh_t of the own units from later steps; inactive steps pass it through unchanged,
     # which is how h_n reaches each row's last active step.
     dh = _load_or_zeros(ghn_out_ptr, st, mask, HAS_GHN_OUT, BLOCK_B, BLOCK_J)
@@ -739,15 +896,12 @@ def _gru_bwd_kernel(
             tl.store(ggh_t + g_off + H, da_z, mask=mask)
             tl.store(ggh_t + g_off + 2 * H, da_n * r, mask=mask)
             tl.debug_barrier()
-            part = _own_times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, w_rz, USE_DOT,
-                                PRECISION, BLOCK_B)
-            part += _own_times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, w_n, USE_DOT, PRECISION,
-                                 BLOCK_B)
-            _store_partial(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
-                           BLOCK_K)
+            _publish_partials(part_ptr, s % 2, pid % SLICES, SLICES, row0, B, H, ggh_t, 3 * H,
+                              rz_cols, rz_ok, w_rz, w_rz_tail, n_cols, n_ok, w_n, w_n_tail, True,
+                              USE_DOT, PRECISION, BLOCK_B, BLOCK_K, K_TAIL)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, s + 1, spins, err_ptr, s + 1, FLAG_STRIDE,
-                          SLICES_PAD)
+                          SLICES_PAD, POLL)
             acc = _sum_partials(part_ptr, s % 2, SLICES, row0, B, H, units, BLOCK_B,
                                 PART_CHUNK)
             dh = tl.where(active, dh_t * z + acc, dh)
@@ -757,13 +911,12 @@ def _gru_bwd_kernel(
             tl.store(ggx_t + g_off + 2 * H, da_n, mask=mask)
             tl.store(ggh_t + g_off + 2 * H, da_n, mask=mask)
             tl.debug_barrier()
-            part = _own_times_w(ggh_t, 3 * H, row0, B, n_cols, n_ok, w_n, USE_DOT, PRECISION,
-                                BLOCK_B)
-            _store_partial(part_ptr, 0, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
-                           BLOCK_K)
+            _publish_partials(part_ptr, 0, pid % SLICES, SLICES, row0, B, H, ggh_t, 3 * H,
+                              n_cols, n_ok, w_n, w_n_tail, n_cols, n_ok, w_n, w_n_tail, False,
+                              USE_DOT, PRECISION, BLOCK_B, BLOCK_K, K_TAIL)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 1, spins, err_ptr, 2 * s + 1,
-                          FLAG_STRIDE, SLICES_PAD)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
             d_rh = _sum_partials(part_ptr, 0, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             da_r = tl.where(am, d_rh * h_prev * r * (1.0 - r), 0.0)
             tl.store(ggx_t + g_off, da_r, mask=mask)
@@ -771,13 +924,12 @@ def _gru_bwd_kernel(
             tl.store(ggh_t + g_off, da_r, mask=mask)
             tl.store(ggh_t + g_off + H, da_z, mask=mask)
             tl.debug_barrier()
-            part = _own_times_w(ggh_t, 3 * H, row0, B, rz_cols, rz_ok, w_rz, USE_DOT,
-                                PRECISION, BLOCK_B)
-            _store_partial(part_ptr, 1, pid % SLICES, SLICES, row0, B, H, part, BLOCK_B,
-                           BLOCK_K)
+            _publish_partials(part_ptr, 1, pid % SLICES, SLICES, row0, B, H, ggh_t, 3 * H,
+                              rz_cols, rz_ok, w_rz, w_rz_tail, rz_cols, rz_ok, w_rz, w_rz_tail,
+                              False, USE_DOT, PRECISION, BLOCK_B, BLOCK_K, K_TAIL)
             _publish(flag_ptr, pid, FLAG_STRIDE)
             spins = _wait(flag_ptr, first, SLICES, 2 * s + 2, spins, err_ptr, 2 * s + 2,
-                          FLAG_STRIDE, SLICES_PAD)
+                          FLAG_STRIDE, SLICES_PAD, POLL)
             acc = _sum_partials(part_ptr, 1, SLICES, row0, B, H, units, BLOCK_B, PART_CHUNK)
             dh = tl.where(active, dh_t * z + d_rh * r + acc, dh)
 
@@ -817,7 +969,8 @@ def _dense(grad, name, shape, device):
 def _resolve_plan(B, H, dtype, device, cell, plan):
     if plan is not None:
         covers = (plan.programs == plan.groups * plan.slices and plan.block_k >= H
-                  and plan.block_k % plan.split_k == 0
+                  and (plan.block_k - plan.k_tail) % plan.split_k == 0
+                  and plan.k_tail % plan.split_k_tail == 0
                   and plan.groups * plan.block_b >= B and plan.slices * plan.block_j >= H)
         if not covers:
             raise ValueError(f"{plan} does not cover batch {B} x hidden {H}")
@@ -839,9 +992,12 @@ def _part_chunk(plan):
 
 
 def _run(kernel, plan, what, device, tensors, scalars, **meta):
-    """One launch of P co-resident programs with fresh flags; raises if a wait timed out.
+    """One launch of P co-resident programs with fresh flags and a fresh error word.
 
-    The kernel's arguments are ``*tensors, flags, error word, *scalars, max_spins``."""
+    The kernel's arguments are ``*tensors, flags, error word, *scalars, max_spins``. Nothing
+    here waits for the GPU (see "Error word" in the module docstring): earlier launches'
+    finished error words are checked first, this one's is read back once it has finished."""
+    check_errors()
     flags = torch.zeros((plan.programs, _FLAG_STRIDE), device=device, dtype=torch.int32)
     err = torch.zeros((1,), device=device, dtype=torch.int32)
     if device.type == "cuda":
@@ -851,19 +1007,90 @@ def _run(kernel, plan, what, device, tensors, scalars, **meta):
         kernel, (plan.programs,), *tensors, flags, err, *scalars, _MAX_SPINS,
         SLICES=plan.slices, SLICES_PAD=triton.next_power_of_2(plan.slices),
         FLAG_STRIDE=_FLAG_STRIDE, USE_DOT=plan.use_dot, BLOCK_B=plan.block_b,
-        BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=1,
+        BLOCK_J=plan.block_j, SPLIT_K=plan.split_k, BLOCK_K=plan.block_k - plan.k_tail,
+        SPLIT_K_TAIL=plan.split_k_tail, K_TAIL=plan.k_tail,
+        num_warps=plan.num_warps, num_stages=1, POLL=_poll_form(),
         **meta,
     )
-    epoch = int(err.item())
-    if epoch:
-        # The error word holds the highest epoch a wait gave up on: the n-th value each
-        # program publishes (one per step; two for the original GRU; 1 is h0 or the first).
-        raise RuntimeError(
-            f"split {what}: a program waited more than {_MAX_SPINS} polls for the other programs "
-            f"of its batch group (epoch {epoch}; P={plan.programs} programs, grid "
+    _watch(err, what, plan)
+
+
+# --------------------------------------------------------------------------------------
+# Error words, read back without a host sync
+# --------------------------------------------------------------------------------------
+class _PendingError(NamedTuple):
+    done: object          # torch.cuda.Event recorded after the launch (None: already done)
+    word: torch.Tensor    # host memory holding the launch's error word once ``done``
+    what: str
+    plan: SplitPlan
+
+
+# Launches whose error word has not been read yet, oldest first, and the lock that guards
+# the list (launches may come from several threads).
+_pending = []
+_pending_lock = threading.Lock()
+
+
+def _debug_sync() -> bool:
+    return os.environ.get("LSTMGRU_DEBUG_SYNC") == "1"
+
+
+def _watch(err, what, plan):
+    """Arrange for a launch's error word to be read once the launch has finished."""
+    if err.device.type != "cuda":
+        # The interpreter returns after the launch has run, and err is host memory.
+        entry = _PendingError(None, err, what, plan)
+    elif torch.cuda.is_current_stream_capturing():
+        # A captured launch runs at each replay, where nothing on the host follows it: its
+        # error word is not read back (see the module docstring).
+        return
+    else:
+        word = torch.empty((1,), dtype=torch.int32, pin_memory=True)
+        word.copy_(err, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(err.device))
+        entry = _PendingError(done, word, what, plan)
+    with _pending_lock:
+        _pending.append(entry)
+    check_errors(wait=_debug_sync())
+
+
+def check_errors(wait: bool = False) -> None:
+    """Raise RuntimeError if a finished split launch of this process timed out in a wait.
+
+    Each launch's error word is copied to host memory behind the launch and read here once
+    the copy is done: at the start of every split launch, and whenever this is called.
+    ``wait=True`` first waits for every pending launch (a host sync: for tests, the end of a
+    training step, or ``LSTMGRU_DEBUG_SYNC=1``, which does it after every launch)."""
+    if not _pending:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Querying or waiting for an event is not allowed while a stream is being captured;
+        # the words stay pending until the first check after the capture.
+        return
+    with _pending_lock:
+        if wait:
+            for entry in _pending:
+                if entry.done is not None:
+                    entry.done.synchronize()
+        finished = [e for e in _pending if e.done is None or e.done.query()]
+        for entry in finished:
+            _pending.remove(entry)
+    for entry in finished:
+        # Host memory, written before ``done``: no device access, no wait.
+        epoch = int(entry.word.numpy()[0])
+        if epoch:
+            raise RuntimeError(_timeout_message(entry.what, entry.plan, epoch))
+
+
+def _timeout_message(what, plan, epoch):
+    # The error word holds the highest epoch a wait gave up on: the n-th value each program
+    # publishes (one per step; two for the original GRU; 1 is h0 or the first).
+    return (f"split {what}: a program waited more than {_MAX_SPINS} polls for the other "
+            f"programs of its batch group (epoch {epoch}; P={plan.programs} programs, grid "
             f"({plan.programs},), {plan.groups} group(s) of {plan.slices}); the programs were "
-            f"probably not all resident at once")
+            f"probably not all resident at once. Its results are wrong; the launch's error "
+            f"word was read after it finished, so later launches may have run meanwhile")
 
 
 def lstm_forward(gates_x, h0, c0, weight_hh, lengths, reverse: bool, training: bool, *,

@@ -354,13 +354,22 @@ def test_plans_are_valid_for_the_gpu(B, H, dtype, cell):
     assert plan.programs == plan.groups * plan.slices <= 132
     assert plan.groups * plan.block_b >= B and plan.slices * plan.block_j >= H
     assert plan.block_k >= max(16, H)
-    for size in (plan.block_b, plan.block_j, plan.block_k):
+    head = plan.block_k - plan.k_tail
+    for size in (plan.block_b, plan.block_j, head):
         assert size & (size - 1) == 0  # tl.arange: powers of two
+    # The hidden size's pieces: a head, and a tail only where it pads less than one power of
+    # two would (never more than a power of two's padding either way).
+    assert plan.block_k <= max(16, 1 << (H - 1).bit_length())
+    if plan.k_tail:
+        assert plan.k_tail >= 16 and plan.k_tail & (plan.k_tail - 1) == 0
+        assert head >= plan.k_tail and head < H
     if plan.use_dot:
         # tl.dot needs M, N, K >= 16: M = block_b; the forward's N and the backward's K are
         # 4 * block_j for the LSTM and (padded) 16 or more for the GRU; the forward's K is a
-        # split_k-th of block_k.
-        assert plan.block_b >= 16 and plan.block_k // plan.split_k >= 16
+        # split_k-th of the head (a split_k_tail-th of the tail).
+        assert plan.block_b >= 16 and head // plan.split_k >= 16
+        if plan.k_tail:
+            assert plan.k_tail // plan.split_k_tail >= 16
     else:
         assert B <= 8 and plan.groups == 1
     assert plan.block_j >= 8
@@ -379,6 +388,23 @@ def test_plans_at_the_sizes_that_matter():
     # The GRU the same (its n block padded to the 16 rows tl.dot needs): 48 KB of weights.
     plan = K.split_plan(16, 1024, torch.float16, 132, "gru")
     assert (plan.programs, plan.block_j, plan.use_dot) == (128, 8, True)
+    # H=768 is held as 512 + 256 columns, not padded to 1024.
+    plan = K.split_plan(16, 768, torch.float16, 132)
+    assert (plan.block_k, plan.k_tail, plan.split_k, plan.split_k_tail) == (768, 256, 8, 8)
     # 18 rows: two batch groups that sync only among themselves.
     plan = K.split_plan(18, 768, torch.float16, 132, "gru")
     assert (plan.groups, plan.slices) == (2, 48)
+
+
+@pytest.mark.parametrize("B,H,dtype,cell", [
+    (256, 512, torch.float16, "lstm"), (256, 512, torch.bfloat16, "lstm"),
+    (256, 512, torch.float16, "gru"), (128, 512, torch.float32, "lstm"),
+    (128, 512, torch.float32, "gru")])
+def test_wider_batch_tiles_get_their_own_slice_width(B, H, dtype, cell):
+    # 16-row tiles leave too few programs per group for a slice that fits in registers; a
+    # 32-row tile halves the groups, so each group's slices are half as wide and fit.
+    plan = K.split_plan(B, H, dtype, 132, cell)
+    assert plan.block_b == 32
+    assert plan.programs == plan.groups * plan.slices <= 132
+    assert plan.slices * plan.block_j >= H
+    assert K._GATES[cell] * plan.block_j * plan.block_k * dtype.itemsize <= K._WEIGHT_BYTES
