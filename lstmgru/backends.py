@@ -105,7 +105,22 @@ def get_backend() -> str:
     chosen = _choice.get()
     if chosen is not None:
         return chosen
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    raw = _ENVIRONMENT.get(_ENV_KEY) if _ENVIRONMENT is not None else os.environ.get(ENV_VAR)
+    return "auto" if raw is None else _backend_from_environment(raw)
+
+
+# Every module call reads $LSTMGRU_BACKEND; os.environ.get costs microseconds (it encodes the
+# key and decodes the value), a sizeable part of a small call. os.environ keeps a plain dict of
+# the encoded entries (``_data``) in step with itself: looking the encoded key up there is the
+# same read at a dict lookup's cost.
+_ENVIRONMENT = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_from_environment(raw) -> str:
+    value = os.environ.decodevalue(raw) if hasattr(os.environ, "decodevalue") else raw
+    name = value.strip().lower() or "auto"
     return _validate(name, f"backend from the environment variable {ENV_VAR}:")
 
 

@@ -553,7 +553,7 @@ def test_a_converted_subclass_keeps_everything_it_defines():
     x = torch.randn(2, 3, 3)
     reset = torch.zeros(2, 3, dtype=torch.bool)
     torch.testing.assert_close(super(_TakesLengths, rnn).forward(x, reset=reset)[0],
-                               rnn(x)[0], rtol=0, atol=1e-6)
+                               rnn(x)[0], rtol=0, atol=0)  # no reset: torch's kernel
     # to_torch gives back the user's class itself, in working order.
     back = lstmgru.to_torch(model)[0]
     assert type(back) is LengthsLSTM and back.label == "enc" and back.extra_state == "kept"
