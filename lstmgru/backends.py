@@ -151,12 +151,17 @@ def select(case: Case) -> Implementation:
     return _select(get_backend(), case)
 
 
-@torch.compiler.assume_constant_result
 def _name_while_compiling(*fields) -> str:
     # Dynamo cannot trace ContextVar.get: the choice is made once, when the graph is built,
     # and baked into it (a backend changed later applies to graphs compiled later). The case
     # travels as its fields: constants that dynamo hands over as they are.
     return _select(get_backend(), Case(*fields)).name
+
+
+# What torch.compiler.assume_constant_result does (torch 2.4 to 2.13), without the import of
+# torch._dynamo that calling it costs at `import lstmgru` (seconds; dynamo is loaded anyway
+# by the time anything compiles).
+_name_while_compiling._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=4096)

@@ -27,12 +27,16 @@ _GRU_ORDER = (1, 0, 2)
 _OPSET = 14  # LSTM-14 and GRU-14, the current versions of both operators
 
 
-@torch.compiler.assume_constant_result
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (then the modules emit ONNX nodes)."""
     # Called for real also under dynamo (the exporter's strict capture), which would
     # otherwise fold torch.onnx.is_in_onnx_export() to False.
     return torch.onnx.is_in_onnx_export()
+
+
+# torch.compiler.assume_constant_result(is_exporting), without the import of torch._dynamo
+# that calling it costs at `import lstmgru` (seconds): it only sets this mark.
+is_exporting._dynamo_marked_constant = True
 
 
 def unsupported(feature: str, mode: str) -> NotImplementedError:
