@@ -37,14 +37,27 @@ first, exactly as before, ``super().forward(...)`` in them reaches lstmgru's ``f
 ``isinstance(m, MyLSTM)`` still holds (``isinstance(m, nn.LSTM)`` no longer does). The order is
 set by a metaclass derived from ``MyLSTM``'s own (``type`` or ``abc.ABCMeta``) whose ``mro()``
 makes the substitution; the user's functions are not copied or rebuilt, so the ``__class__``
-cells of their ``super()`` calls stay right. ``MyLSTM.__init__`` is never called: the instance
-is built as a plain lstmgru module (on meta) and moved over to the derived class, and what
+cells of their ``super()`` calls stay right. ``MyLSTM.__init__`` is never called: a plain
+lstmgru module is built (on meta) and an empty instance of the derived class takes its state;
+what
 ``MyLSTM.__init__`` set on the instance is carried over like any instance attribute (below).
 The classes ``parametrize`` creates (``ParametrizedMyLSTM``) are unwrapped first and made
 again over the derived class. One derived class is made per user class (cached); instances
 pickle (``__reduce_ex__`` names the user's class and ``lstmgru.convert._derived_instance``,
 which makes the derived class again when unpickled in a new process) and ``deepcopy``.
 ``to_torch`` gives back the user's class itself (``type(m) is MyLSTM``).
+
+Why not copy the subclass's namespace onto a new class over ``lstmgru.LSTM``: the functions'
+``super()`` cells name the original class, so each would have to be rebuilt (also inside
+properties, class and static methods, decorators' closures), the copies would not be
+instances of the user's class, and a mixin's methods would have to be copied level by level.
+Substituting in the MRO keeps every function as it is. The cost: ``__init_subclass__`` of the
+user's classes runs once when the derived class is made.
+
+``torch.load(path, weights_only=True)`` of a whole pickled model: ``import lstmgru`` allows
+lstmgru's classes (``torch.serialization.add_safe_globals``); a converted subclass loads once
+the user allows their own class, ``torch.serialization.add_safe_globals([MyLSTM])``, which
+torch's error message names.
 
 What cannot be carried over is named in a ``UserWarning``: a subclass that overrides
 torch.nn internals which only torch's own kernel path calls (``check_forward_args``,
@@ -311,8 +324,12 @@ def _rebuild(module: nn.Module, path: str, base: Type[nn.Module], target: Type[n
         except (TypeError, ValueError) as error:
             raise type(error)(f"{caller}: cannot build a {target.__qualname__} for "
                               f"{_where(path)}: {error}") from error
-    if new_class is not target:  # the user's class: its __init__ is never called
-        new.__class__ = new_class
+    if new_class is not target:
+        # The user's class: its __init__ is never called (it may take arguments of its own).
+        # An empty instance takes the plain module's state; __class__ assignment would refuse
+        # hierarchies whose layout differs (a base with __slots__, such as abc.ABC, first).
+        plain, new = new, new_class.__new__(new_class)
+        new.__dict__.update(plain.__dict__)
     state = new.__dict__
     state["_parameters"] = dict(module._parameters)
     state["_buffers"] = dict(module._buffers)
@@ -386,13 +403,16 @@ def convert(model: nn.Module) -> nn.Module:
 
     The replacements take over the old modules' parameters (the same objects), buffers,
     parametrizations, hooks, ``training`` flag and instance attributes; outputs and gradients
-    are unchanged. The notes at the top of ``lstmgru/convert.py`` give the details.
+    are unchanged. A subclass of yours keeps its class, methods and ``forward`` on lstmgru's
+    machinery (``super().forward`` reaches lstmgru). The notes at the top of
+    ``lstmgru/convert.py`` give the details.
     """
     return _swap(model, "convert", _pair_of_torch, 0)
 
 
 def to_torch(model: nn.Module) -> nn.Module:
-    """The reverse of :func:`convert`: every lstmgru module in ``model`` becomes torch.nn's.
+    """The reverse of :func:`convert`: every lstmgru module in ``model`` becomes torch.nn's
+    (a subclass of yours that ``convert`` carried over becomes your class again).
 
     Raises ``ValueError``, naming each module's path and option, for what torch.nn cannot
     compute (``GRU(reset_after=False)``, ``GRUCell(reset_after=False)``, cell variants); the

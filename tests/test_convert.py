@@ -435,10 +435,16 @@ class _Describes:
         return f"{type(self).__name__}({self.input_size}->{self.hidden_size})"
 
 
-class _TakesLengths(_Describes, nn.LSTM, abc.ABC):
-    """pytorch-forecasting's pattern: per-row lengths packed here, then torch.nn's forward."""
+class _TakesLengths(abc.ABC, nn.RNNBase):
+    """pytorch-forecasting's pattern: an abstract mixin over nn.RNNBase (abc.ABC first, whose
+    __slots__ change the instance layout) whose forward packs per-row lengths, then calls
+    torch.nn's forward."""
 
     uses_lengths = True
+
+    @abc.abstractmethod
+    def handle_no_encoding(self, hidden):
+        """Implemented by the concrete classes (a check that they stay concrete)."""
 
     @property
     def output_size(self):
@@ -454,20 +460,23 @@ class _TakesLengths(_Describes, nn.LSTM, abc.ABC):
         return out, state
 
 
-class LengthsLSTM(_TakesLengths):
-    """A second level, with an __init__ of its own that takes an argument torch.nn does not."""
+class _LengthsLSTMBase(_TakesLengths, nn.LSTM):
+    def handle_no_encoding(self, hidden):
+        return hidden
+
+
+class LengthsLSTM(_Describes, _LengthsLSTMBase):
+    """A second level and a mixin, with an __init__ of its own that takes an argument torch.nn
+    does not."""
 
     def __init__(self, input_size, hidden_size, *, label, **kwargs):
         super().__init__(input_size, hidden_size, batch_first=True, **kwargs)
         self.label = label
 
 
-class LengthsGRU(_Describes, nn.GRU):
-    def forward(self, x, hx=None, lengths=None, enforce_sorted=True):
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True,
-                                      enforce_sorted=enforce_sorted)
-        out, state = super().forward(packed, hx)
-        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0], state
+class LengthsGRU(_TakesLengths, nn.GRU):
+    def handle_no_encoding(self, hidden):
+        return hidden
 
 
 class ScaledCell(nn.GRUCell):
@@ -538,10 +547,12 @@ def test_a_converted_subclass_keeps_everything_it_defines():
     rnn = model[0]
     derived = type(rnn)
     # The user's classes first, lstmgru's where torch.nn's were, nothing of torch.nn's RNNs.
-    assert derived.__mro__[1:5] == (LengthsLSTM, _TakesLengths, _Describes, lstmgru.LSTM)
-    assert nn.LSTM not in derived.__mro__ and nn.RNNBase not in derived.__mro__
+    assert LengthsLSTM.__mro__[:7] == (LengthsLSTM, _Describes, _LengthsLSTMBase, _TakesLengths,
+                                       abc.ABC, nn.LSTM, nn.RNNBase)
+    assert derived.__mro__ == (derived,) + LengthsLSTM.__mro__[:5] + lstmgru.LSTM.__mro__
     assert isinstance(rnn, (LengthsLSTM, _TakesLengths, _Describes, abc.ABC, lstmgru.LSTM))
-    assert not isinstance(rnn, nn.LSTM)
+    assert not isinstance(rnn, (nn.LSTM, nn.RNNBase))
+    assert rnn.handle_no_encoding(3) == 3
     assert derived.__name__ == "LengthsLSTM" and derived.__module__ == LengthsLSTM.__module__
     assert (rnn.label, rnn.extra_state, rnn.uses_lengths, rnn.output_size) == ("enc", "kept",
                                                                                True, 4)
