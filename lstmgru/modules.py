@@ -160,7 +160,7 @@ def _resets_only_at_start(reset, expected: tuple, time_dim: Optional[int]) -> bo
     have no time axis: ``time_dim`` None). Reading the tensor is a host sync on an
     accelerator, so there only T=1 counts."""
     if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool \
-            or _shape(reset) != expected:
+            or reset.shape != expected:
         return False  # the call's own checks raise
     steps = 1 if time_dim is None else expected[time_dim]
     if steps <= 1:
@@ -168,9 +168,11 @@ def _resets_only_at_start(reset, expected: tuple, time_dim: Optional[int]) -> bo
     return reset.is_cpu and not reset.narrow(time_dim, 1, steps - 1).any()
 
 
-def _zero_rows(state: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``state`` with the entries where ``rows`` (broadcast to it) is True set to 0."""
-    return state.masked_fill(rows.to(state.device), 0)
+def _reset_cut(reset: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:
+    """``reset`` viewed as ``shape`` (to broadcast over the states) on the states' device (a
+    device comparison costs less than even a no-op ``.to()``)."""
+    cut = reset.reshape(shape)
+    return cut if cut.device == device else cut.to(device)
 
 
 def _fold_resets_possible() -> bool:
@@ -436,11 +438,11 @@ class _RNNBase(nn.Module):
         if len(states) != (2 if self.mode == "LSTM" else 1) or not all(
                 isinstance(s, torch.Tensor) and _shape(s)[:-1] == want for s in states):
             return hx, reset
-        cut = rows.reshape(1, -1, 1) if batched else rows.reshape(1, 1)
+        cut = _reset_cut(rows, (1, -1, 1) if batched else (1, 1), states[0].device)
         if directions == 2:  # forward directions only: rows 0, 2, 4, ... of hx
-            forward = torch.arange(want[0], device=rows.device).remainder(2).eq(0)
+            forward = torch.arange(want[0], device=cut.device).remainder(2).eq(0)
             cut = cut & forward.reshape((-1,) + (1,) * (cut.dim() - 1))
-        states = [_zero_rows(s, cut) for s in states]
+        states = [s.masked_fill(cut, 0) for s in states]
         return (tuple(states) if self.mode == "LSTM" else states[0]), None
 
     def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
@@ -770,23 +772,26 @@ class _CellBase(nn.Module):
     def _fold_resets(self, input, hx, reset):
         """A cell's ``reset`` (B,) zeroes the state entering its one step: the same call as no
         reset with those rows of ``hx`` zeroed, which runs where a plain call does (torch's
-        kernel on the CPU). Returns (hx, reset); malformed arguments are left to the checks."""
-        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2) \
-                or not _fold_resets_possible():
+        kernel on the CPU). Returns (hx, reset); malformed arguments are left to the checks.
+        (Every call with a reset passes here: kept to few Python steps.)"""
+        if not isinstance(input, torch.Tensor) or not _fold_resets_possible():
             return hx, reset
-        expected = (input.shape[0],) if input.dim() == 2 else ()
+        expected = input.shape[:1] if input.dim() == 2 else ()
         if not _resets_only_at_start(reset, expected, None):
             return hx, reset
         if hx is None:
             return None, None
-        lstm = self.mode == "LSTMCell"
-        states = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
-        if len(states) != (2 if lstm else 1) or not all(
-                isinstance(s, torch.Tensor) and _shape(s)[:-1] == expected for s in states):
-            return hx, reset
-        cut = reset.unsqueeze(-1)
-        states = [_zero_rows(s, cut) for s in states]
-        return (tuple(states) if lstm else states[0]), None
+        shape = (-1, 1) if expected else (1,)
+        if self.mode == "GRUCell":
+            if isinstance(hx, torch.Tensor) and hx.shape[:-1] == expected:
+                return hx.masked_fill(_reset_cut(reset, shape, hx.device), 0), None
+        elif isinstance(hx, (tuple, list)) and len(hx) == 2:
+            h, c = hx
+            if isinstance(h, torch.Tensor) and isinstance(c, torch.Tensor) \
+                    and h.shape[:-1] == expected and c.shape[:-1] == expected:
+                cut = _reset_cut(reset, shape, h.device)
+                return (h.masked_fill(cut, 0), c.masked_fill(cut, 0)), None
+        return hx, reset
 
     def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):

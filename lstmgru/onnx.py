@@ -15,6 +15,7 @@ What ONNX's operators cannot express raises :class:`NotImplementedError` naming 
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -30,8 +31,11 @@ _OPSET = 14  # LSTM-14 and GRU-14, the current versions of both operators
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (then the modules emit ONNX nodes)."""
     # Called for real also under dynamo (the exporter's strict capture), which would
-    # otherwise fold torch.onnx.is_in_onnx_export() to False.
-    return torch.onnx.is_in_onnx_export()
+    # otherwise fold torch.onnx.is_in_onnx_export() to False. torch.onnx is imported lazily:
+    # until something imports it nothing is exporting, and asking it costs two imports per
+    # call (microseconds on every small call).
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 # torch.compiler.assume_constant_result(is_exporting), without the import of torch._dynamo
