@@ -138,7 +138,22 @@ def get_backend() -> str:
     chosen = _choice.get()
     if chosen is not None:
         return chosen
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    raw = _ENVIRONMENT.get(_ENV_KEY) if _ENVIRONMENT is not None else os.environ.get(ENV_VAR)
+    return "auto" if raw is None else _backend_from_environment(raw)
+
+
+# Every module call reads $LSTMGRU_BACKEND; os.environ.get costs microseconds (it encodes the
+# key and decodes the value), a sizeable part of a small call. os.environ keeps a plain dict of
+# the encoded entries (``_data``) in step with itself: looking the encoded key up there is the
+# same read at a dict lookup's cost.
+_ENVIRONMENT = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_from_environment(raw) -> str:
+    value = os.environ.decodevalue(raw) if hasattr(os.environ, "decodevalue") else raw
+    name = value.strip().lower() or "auto"
     return _validate(name, f"backend from the environment variable {ENV_VAR}:")
 
 
@@ -175,12 +190,17 @@ def select(case: Case) -> Implementation:
     return _select(get_backend(), case)
 
 
-@torch.compiler.assume_constant_result
 def _name_while_compiling(*fields) -> str:
     # Dynamo cannot trace ContextVar.get: the choice is made once, when the graph is built,
     # and baked into it (a backend changed later applies to graphs compiled later). The case
     # travels as its fields: constants that dynamo hands over as they are.
     return _select(get_backend(), Case(*fields)).name
+
+
+# What torch.compiler.assume_constant_result does (torch 2.4 to 2.13), without the import of
+# torch._dynamo that calling it costs at `import lstmgru` (seconds; dynamo is loaded anyway
+# by the time anything compiles).
+_name_while_compiling._dynamo_marked_constant = True
 
 
 # The kernels that failed to run a case under auto (``_with_fallback``); auto skips them.

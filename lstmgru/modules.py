@@ -163,6 +163,32 @@ def _check_reset(reset, mode: str, expected: tuple, device) -> torch.Tensor:
     return reset.to(device)
 
 
+def _resets_only_at_start(reset, expected: tuple, time_dim: Optional[int]) -> bool:
+    """Whether ``reset`` is a well-formed reset tensor whose resets all fall at t=0 (a cell's
+    have no time axis: ``time_dim`` None). Reading the tensor is a host sync on an
+    accelerator, so there only T=1 counts."""
+    if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool \
+            or reset.shape != expected:
+        return False  # the call's own checks raise
+    steps = 1 if time_dim is None else expected[time_dim]
+    if steps <= 1:
+        return True
+    return reset.is_cpu and not reset.narrow(time_dim, 1, steps - 1).any()
+
+
+def _reset_cut(reset: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:
+    """``reset`` viewed as ``shape`` (to broadcast over the states) on the states' device (a
+    device comparison costs less than even a no-op ``.to()``)."""
+    cut = reset.reshape(shape)
+    return cut if cut.device == device else cut.to(device)
+
+
+def _fold_resets_possible() -> bool:
+    # Tracing transforms and ONNX export keep the reset tensor: the check above reads data.
+    return not (torch.compiler.is_compiling() or _onnx.is_exporting()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 class _RNNBase(nn.Module):
     mode: str
     reset_after = True  # the GRU's form; a class attribute, so that reading it is cheap
@@ -388,6 +414,47 @@ class _RNNBase(nn.Module):
         return states
 
     # ---------------------------------------------------------------- forward
+    def _fold_resets(self, input, hx, reset):
+        """``reset`` whose resets all fall at t=0 is the same call as no reset with those rows'
+        initial state zeroed, in the forward direction of every layer: in reverse a reset at
+        t=0 cuts the state leaving step 0, which nothing reads (``lstmgru.cells.variants``),
+        and a reverse direction's initial state is never cut. So such a call runs where a plain
+        call does (torch's kernel on the CPU). Returns (hx, reset), folded where that holds;
+        a malformed ``reset`` or ``hx`` is left to the call's own checks."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if not isinstance(data, torch.Tensor) or not _fold_resets_possible():
+            return hx, reset
+        if packed:
+            batch = len(input.sorted_indices) if input.sorted_indices is not None \
+                else int(input.batch_sizes[0])
+            expected, time_dim = (len(input.batch_sizes), batch), 0
+        elif data.dim() == 3:
+            expected = _shape(data)[:2]
+            time_dim = 1 if self.batch_first else 0
+        elif data.dim() == 2:
+            expected, time_dim = (data.shape[0],), 0
+        else:
+            return hx, reset
+        if not _resets_only_at_start(reset, expected, time_dim):
+            return hx, reset
+        if hx is None:
+            return None, None
+        states = list(hx) if self.mode == "LSTM" and isinstance(hx, (tuple, list)) else [hx]
+        batched = len(expected) == 2
+        directions = 2 if self.bidirectional else 1
+        rows = reset.select(time_dim, 0) if batched else reset[0]  # (B,) or ()
+        want = (self.num_layers * directions,) + ((rows.shape[0],) if batched else ())
+        if len(states) != (2 if self.mode == "LSTM" else 1) or not all(
+                isinstance(s, torch.Tensor) and _shape(s)[:-1] == want for s in states):
+            return hx, reset
+        cut = _reset_cut(rows, (1, -1, 1) if batched else (1, 1), states[0].device)
+        if directions == 2:  # forward directions only: rows 0, 2, 4, ... of hx
+            forward = torch.arange(want[0], device=cut.device).remainder(2).eq(0)
+            cut = cut & forward.reshape((-1,) + (1,) * (cut.dim() - 1))
+        states = [s.masked_fill(cut, 0) for s in states]
+        return (tuple(states) if self.mode == "LSTM" else states[0]), None
+
     def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         """The implementation that runs this call. Cheap (a cached decision per case): on the
         native path this is all a call costs beyond torch.nn's own forward."""
@@ -449,6 +516,9 @@ class _RNNBase(nn.Module):
             shapes of ``h_0`` and ``c_0``: each layer-direction's state after its last step
             (for the reverse direction, after step 0).
         """
+        if reset is not None and lengths is None:
+            # (with lengths=, a row of length 0 must keep hx: the fold would zero it)
+            hx, reset = self._fold_resets(input, hx, reset)
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
@@ -939,6 +1009,30 @@ class _CellBase(nn.Module):
                                             x.shape[0], self.hidden_size,
                                             self._cell_reset(reset, x, batched), None, False)
 
+    def _fold_resets(self, input, hx, reset):
+        """A cell's ``reset`` (B,) zeroes the state entering its one step: the same call as no
+        reset with those rows of ``hx`` zeroed, which runs where a plain call does (torch's
+        kernel on the CPU). Returns (hx, reset); malformed arguments are left to the checks.
+        (Every call with a reset passes here: kept to few Python steps.)"""
+        if not isinstance(input, torch.Tensor) or not _fold_resets_possible():
+            return hx, reset
+        expected = input.shape[:1] if input.dim() == 2 else ()
+        if not _resets_only_at_start(reset, expected, None):
+            return hx, reset
+        if hx is None:
+            return None, None
+        shape = (-1, 1) if expected else (1,)
+        if self.mode == "GRUCell":
+            if isinstance(hx, torch.Tensor) and hx.shape[:-1] == expected:
+                return hx.masked_fill(_reset_cut(reset, shape, hx.device), 0), None
+        elif isinstance(hx, (tuple, list)) and len(hx) == 2:
+            h, c = hx
+            if isinstance(h, torch.Tensor) and isinstance(c, torch.Tensor) \
+                    and h.shape[:-1] == expected and c.shape[:-1] == expected:
+                cut = _reset_cut(reset, shape, h.device)
+                return (h.masked_fill(cut, 0), c.masked_fill(cut, 0)), None
+        return hx, reset
+
     def _implementation(self, input, variants: Tuple[str, ...] = ()) -> backends.Implementation:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{self.mode}: input must be a Tensor, got {type(input).__name__}")
@@ -1067,6 +1161,8 @@ class LSTMCell(_CellBase):
         Returns:
             ``(h', c')``, each shaped like ``h``: the state after the step.
         """
+        if reset is not None:
+            hx, reset = self._fold_resets(input, hx, reset)
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:
@@ -1150,6 +1246,8 @@ class GRUCell(_CellBase):
         Returns:
             ``h'``, shaped like ``h``: the state after the step.
         """
+        if reset is not None:
+            hx, reset = self._fold_resets(input, hx, reset)
         options, variants = _variants_of_call(self, reset)
         implementation = self._implementation(input, variants)
         if implementation.module_forward is not None:

@@ -22,6 +22,7 @@ LSTM has no projection) and ``PackedSequence`` input (its batch sizes are data, 
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -36,12 +37,19 @@ _GRU_ORDER = (1, 0, 2)
 _OPSET = 14  # LSTM-14 and GRU-14, the current versions of both operators
 
 
-@torch.compiler.assume_constant_result
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (then the modules emit ONNX nodes)."""
     # Called for real also under dynamo (the exporter's strict capture), which would
-    # otherwise fold torch.onnx.is_in_onnx_export() to False.
-    return torch.onnx.is_in_onnx_export()
+    # otherwise fold torch.onnx.is_in_onnx_export() to False. torch.onnx is imported lazily:
+    # until something imports it nothing is exporting, and asking it costs two imports per
+    # call (microseconds on every small call).
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+# torch.compiler.assume_constant_result(is_exporting), without the import of torch._dynamo
+# that calling it costs at `import lstmgru` (seconds): it only sets this mark.
+is_exporting._dynamo_marked_constant = True
 
 
 def unsupported(feature: str, mode: str) -> NotImplementedError:

@@ -1,13 +1,20 @@
 """lstmgru.convert / lstmgru.to_torch: whole models, both ways, state kept, outputs unchanged."""
 from __future__ import annotations
 
+import abc
 import copy
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmgru
 
@@ -373,27 +380,6 @@ def test_lstmgru_modules_are_never_converted_again():
     assert type(lstmgru.to_torch(future)) is nn.LSTM
 
 
-def test_subclasses_are_converted_and_what_they_define_is_named():
-    class Tagged(nn.LSTM):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.tag = "kept"
-
-    class LastStep(nn.GRU):
-        def forward(self, x, hx=None):
-            return super().forward(x, hx)[0][-1]
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning for a subclass that defines nothing
-        tagged = lstmgru.convert(Tagged(3, 4))
-    assert type(tagged) is lstmgru.LSTM and tagged.tag == "kept"
-    with pytest.warns(UserWarning, match=r"'1' is a .*LastStep, a subclass of torch.nn.GRU; it "
-                      r"becomes a plain lstmgru.GRU, so what the subclass defines \(forward\) "
-                      r"is not carried"):
-        model = lstmgru.convert(nn.Sequential(nn.Linear(3, 3), LastStep(3, 4)))
-    assert type(model[1]) is lstmgru.GRU
-
-
 def test_a_shared_module_is_replaced_by_one_module():
     rnn = nn.LSTM(3, 3)
     model = nn.Sequential(rnn, nn.Sequential(rnn))
@@ -439,3 +425,302 @@ def test_deepcopy_of_a_converted_parametrized_model():
     assert clone.parametrizations.weight_hh_l0 is not ours.parametrizations.weight_hh_l0
     with torch.no_grad():
         torch.testing.assert_close(clone(_x())[0], ours(_x())[0], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ subclasses keep their class
+class _Describes:
+    """A mixin, as packages put beside nn.LSTM."""
+
+    def describe(self):
+        return f"{type(self).__name__}({self.input_size}->{self.hidden_size})"
+
+
+class _TakesLengths(abc.ABC, nn.RNNBase):
+    """pytorch-forecasting's pattern: an abstract mixin over nn.RNNBase (abc.ABC first, whose
+    __slots__ change the instance layout) whose forward packs per-row lengths, then calls
+    torch.nn's forward."""
+
+    uses_lengths = True
+
+    @abc.abstractmethod
+    def handle_no_encoding(self, hidden):
+        """Implemented by the concrete classes (a check that they stay concrete)."""
+
+    @property
+    def output_size(self):
+        return self.hidden_size * (2 if self.bidirectional else 1)
+
+    def forward(self, x, hx=None, lengths=None, enforce_sorted=True):
+        if lengths is None:
+            return super().forward(x, hx)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=self.batch_first,
+                                      enforce_sorted=enforce_sorted)
+        out, state = super().forward(packed, hx)
+        out, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=x.shape[1])
+        return out, state
+
+
+class _LengthsLSTMBase(_TakesLengths, nn.LSTM):
+    def handle_no_encoding(self, hidden):
+        return hidden
+
+
+class LengthsLSTM(_Describes, _LengthsLSTMBase):
+    """A second level and a mixin, with an __init__ of its own that takes an argument torch.nn
+    does not."""
+
+    def __init__(self, input_size, hidden_size, *, label, **kwargs):
+        super().__init__(input_size, hidden_size, batch_first=True, **kwargs)
+        self.label = label
+
+
+class LengthsGRU(_TakesLengths, nn.GRU):
+    def handle_no_encoding(self, hidden):
+        return hidden
+
+
+class ScaledCell(nn.GRUCell):
+    def forward(self, x, hx=None):
+        return 0.5 * super().forward(x, hx)
+
+
+def _lengths_batch(seed=3, input_size=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 6, input_size, generator=g, dtype=dtype)  # (B, T, I), batch_first
+    return x, torch.tensor([3, 6, 1, 4])  # unsorted, variable
+
+
+def _lengths_run(model, x, lengths):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out, state = model(x, lengths=lengths, enforce_sorted=False)
+    states = list(state) if isinstance(state, tuple) else [state]
+    loss = weighted_loss([out] + states)
+    loss.backward()
+    return loss.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LengthsLSTM(3, 5, label="enc", num_layers=2, bidirectional=True, dtype=torch.float64),
+    lambda: LengthsGRU(3, 5, batch_first=True, num_layers=2, dtype=torch.float64),
+], ids=["lstm", "gru"])
+def test_a_subclass_that_packs_lengths_gives_torch_nn_numbers(make, backend):
+    torch.manual_seed(0)
+    theirs = make()
+    ours = lstmgru.convert(copy.deepcopy(theirs))
+    assert type(ours) is not type(theirs) and isinstance(ours, type(theirs))
+    x, lengths = _lengths_batch()
+    with lstmgru.use_backend(backend):
+        got = _lengths_run(ours, x, lengths)
+    want = _lengths_run(theirs, x, lengths)
+    tol = 0 if backend == "native" else TOL  # native runs torch's own kernel: bit for bit
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=tol, msg="loss")
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=tol, msg="input gradient")
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=tol, msg=name)
+
+
+def test_training_a_converted_subclass_steps_like_torch_nn(backend):
+    torch.manual_seed(0)
+    theirs = LengthsLSTM(3, 4, label="x", dtype=torch.float64)
+    ours = lstmgru.convert(copy.deepcopy(theirs))
+    x, lengths = _lengths_batch(seed=5)
+    for model in (theirs, ours):
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        with lstmgru.use_backend(backend):
+            for step in range(4):
+                optimizer.zero_grad()
+                out, _ = model(x + step, lengths=lengths, enforce_sorted=False)
+                weighted_loss([out]).backward()
+                optimizer.step()
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_a_converted_subclass_keeps_everything_it_defines():
+    model = nn.Sequential(LengthsLSTM(3, 4, label="enc"), nn.Linear(4, 2))
+    model[0].extra_state = "kept"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing here is lost, so no warning
+        lstmgru.convert(model)
+    rnn = model[0]
+    derived = type(rnn)
+    # The user's classes first, lstmgru's where torch.nn's were, nothing of torch.nn's RNNs.
+    assert LengthsLSTM.__mro__[:7] == (LengthsLSTM, _Describes, _LengthsLSTMBase, _TakesLengths,
+                                       abc.ABC, nn.LSTM, nn.RNNBase)
+    assert derived.__mro__ == (derived,) + LengthsLSTM.__mro__[:5] + lstmgru.LSTM.__mro__
+    assert isinstance(rnn, (LengthsLSTM, _TakesLengths, _Describes, abc.ABC, lstmgru.LSTM))
+    assert not isinstance(rnn, (nn.LSTM, nn.RNNBase))
+    assert rnn.handle_no_encoding(3) == 3
+    assert derived.__name__ == "LengthsLSTM" and derived.__module__ == LengthsLSTM.__module__
+    assert (rnn.label, rnn.extra_state, rnn.uses_lengths, rnn.output_size) == ("enc", "kept",
+                                                                               True, 4)
+    assert rnn.describe() == "LengthsLSTM(3->4)"
+    assert repr(rnn).startswith("LengthsLSTM(3, 4, batch_first=True)")
+    # One derived class per user class.
+    assert type(lstmgru.convert(LengthsLSTM(2, 3, label="y"))) is derived
+    # super().forward reaches lstmgru's forward, which takes lstmgru's own arguments.
+    x = torch.randn(2, 3, 3)
+    reset = torch.zeros(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(super(_TakesLengths, rnn).forward(x, reset=reset)[0],
+                               rnn(x)[0], rtol=0, atol=0)  # no reset: torch's kernel
+    # to_torch gives back the user's class itself, in working order.
+    back = lstmgru.to_torch(model)[0]
+    assert type(back) is LengthsLSTM and back.label == "enc" and back.extra_state == "kept"
+    lengths = torch.tensor([3, 1])
+    torch.testing.assert_close(back(x, lengths=lengths, enforce_sorted=False)[0],
+                               rnn(x, lengths=lengths, enforce_sorted=False)[0], rtol=0, atol=0)
+    assert "label" not in vars(nn.LSTM(3, 4))  # (torch.nn's class was not touched)
+
+
+def test_converted_cell_subclass_and_the_round_trip():
+    torch.manual_seed(0)
+    theirs = ScaledCell(3, 4, dtype=torch.float64)
+    ours = lstmgru.convert(copy.deepcopy(theirs))
+    assert isinstance(ours, (ScaledCell, lstmgru.GRUCell)) and type(ours).__mro__[1] is ScaledCell
+    x, h = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, h), theirs(x, h), rtol=0, atol=0)
+    assert type(lstmgru.to_torch(ours)) is ScaledCell
+
+
+def test_a_parametrized_subclass_converts_both_ways(backend):
+    torch.manual_seed(0)
+    theirs = LengthsGRU(3, 4, batch_first=True, dtype=torch.float64)
+    parametrizations.weight_norm(theirs, "weight_hh_l0")
+    assert type(theirs).__name__ == "ParametrizedLengthsGRU"
+    ours = lstmgru.convert(copy.deepcopy(theirs))
+    assert parametrize.is_parametrized(ours, "weight_hh_l0")
+    assert type(ours).__bases__[0] is lstmgru.convert.__globals__["_DERIVED"][LengthsGRU]
+    x, lengths = _lengths_batch(input_size=3)
+    with lstmgru.use_backend(backend):
+        got = _lengths_run(ours, x, lengths)
+    want = _lengths_run(theirs, x, lengths)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=TOL)
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=TOL, msg=name)
+    back = lstmgru.to_torch(ours)
+    assert type(back).__bases__[0] is LengthsGRU and type(back).__name__ == "ParametrizedLengthsGRU"
+
+
+def test_a_subclass_overriding_what_only_torch_calls_is_named_without_python_internals():
+    class Checks(nn.LSTM, abc.ABC):
+        def check_forward_args(self, input, hidden, batch_sizes):
+            return super().check_forward_args(input, hidden, batch_sizes)
+
+        def helper(self):
+            return 1
+
+    with pytest.warns(UserWarning) as caught:
+        converted = lstmgru.convert(nn.Sequential(Checks(3, 4)))
+    message = str(caught[0].message)
+    assert message.startswith("convert: '0' is a ")
+    assert "overrides check_forward_args: only torch's own kernel path calls" in message
+    for internal in ("_abc_impl", "__module__", "__dict__", "helper"):
+        assert internal not in message
+    assert converted[0].helper() == 1
+
+
+def test_to_torch_of_a_subclass_of_an_lstmgru_class_names_what_is_lost():
+    class LastStep(lstmgru.GRU):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)[0][-1]
+
+    with pytest.warns(UserWarning, match=r"'1' is a .*LastStep, a subclass of lstmgru.GRU; it "
+                      r"becomes a plain torch.nn.GRU, so what the subclass defines \(forward\) "
+                      r"is not carried"):
+        model = lstmgru.to_torch(nn.Sequential(nn.Linear(3, 3), LastStep(3, 4)))
+    assert type(model[1]) is nn.GRU
+
+
+# ------------------------------------------------------------------ pickling and loading
+def _converted_model():
+    torch.manual_seed(0)
+    return lstmgru.convert(nn.ModuleList([LengthsLSTM(3, 4, label="enc"), nn.GRU(3, 2),
+                                          ScaledCell(3, 2)]))
+
+
+def _outputs(model):
+    x, lengths = _lengths_batch(dtype=torch.float32)
+    return [model[0](x, lengths=lengths, enforce_sorted=False)[0], model[1](x)[0],
+            model[2](x[:, 0])]
+
+
+def _assert_same_model(got, want):
+    assert [type(m) for m in got] == [type(m) for m in want]
+    assert got[0].label == "enc"
+    for a, b in zip(_outputs(got), _outputs(want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pickle_deepcopy_and_torch_save_of_converted_subclasses():
+    model = _converted_model()
+    _assert_same_model(pickle.loads(pickle.dumps(model)), model)
+    _assert_same_model(copy.deepcopy(model), model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    _assert_same_model(torch.load(buffer, weights_only=False), model)
+
+
+def test_weights_only_load_of_a_whole_model():
+    # lstmgru's classes are allowed by `import lstmgru`.
+    plain = lstmgru.LSTM(3, 4, num_layers=2, layer_norm=True)
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(loaded(x)[0], plain(x)[0], rtol=0, atol=0)
+    # A converted subclass: the user allows their own classes, and the message names them.
+    model = _converted_model()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with pytest.raises(Exception, match=r"add_safe_globals\(\[torch.nn.modules.container."
+                                        r"ModuleList\]\)"):
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    with torch.serialization.safe_globals([nn.ModuleList]):
+        with pytest.raises(Exception, match=rf"add_safe_globals\(\[{__name__}.LengthsLSTM\]\)"):
+            torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    with torch.serialization.safe_globals([nn.ModuleList, nn.GRU, LengthsLSTM, ScaledCell]):
+        _assert_same_model(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), model)
+
+
+def test_a_converted_subclass_unpickles_in_a_new_process(tmp_path):
+    # In a new process the derived class does not exist yet: unpickling makes it.
+    (tmp_path / "user_models.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Doubled(nn.GRU):
+            def __init__(self, size, factor):
+                super().__init__(size, size)
+                self.factor = factor
+
+            def forward(self, x, hx=None):
+                return self.factor * super().forward(x, hx)[0]
+    """))
+    path = str(tmp_path / "model.pt")
+    script = textwrap.dedent("""
+        import sys, torch, lstmgru
+        from user_models import Doubled
+        path = sys.argv[2]
+        x = torch.ones(2, 1, 3)
+        if sys.argv[1] == "save":
+            torch.manual_seed(0)
+            torch.save(lstmgru.convert(Doubled(3, 2.0)), path)
+            torch.save(torch.load(path, weights_only=False)(x), path + ".out")
+        else:
+            torch.serialization.add_safe_globals([Doubled])
+            model = torch.load(path, weights_only=True)
+            assert type(model).__mro__[1:3] == (Doubled, lstmgru.GRU), type(model).__mro__
+            assert model.factor == 2.0
+            assert torch.equal(model(x), torch.load(path + ".out")), "outputs differ"
+            print("loaded")
+    """)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": ""}
+    for step in ("save", "load"):
+        run = subprocess.run([sys.executable, "-c", script, step, path], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "loaded"
