@@ -43,6 +43,26 @@ class Lengths(NamedTuple):
         sizes = (per_row.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
         return Lengths(tuple(sizes.tolist()), per_row)
 
+    def packed_rows(self) -> torch.Tensor:
+        """For each row of the packed data, its row in the padded (T * B, .) layout: packed
+        data lists the active rows of step 0, then of step 1, ..., each a prefix."""
+        sizes = torch.tensor(self.batch_sizes, dtype=torch.int64)
+        total, batch = int(sizes.sum()), self.batch_sizes[0]
+        step = torch.repeat_interleave(torch.arange(len(sizes)), sizes, output_size=total)
+        starts = sizes.cumsum(0) - sizes
+        return (step * batch + torch.arange(total) - starts[step]).to(self.per_row.device)
+
+    def pad(self, data: torch.Tensor) -> torch.Tensor:
+        """Packed data (N, X) -> (T, B, X), zeros where a row is inactive. Unlike torch's
+        ``pad_packed_sequence``, plain indexing: it has forward-mode AD and torch.func rules."""
+        T, B = len(self.batch_sizes), self.batch_sizes[0]
+        padded = data.new_zeros(T * B, *data.shape[1:])
+        return padded.index_copy(0, self.packed_rows(), data).view(T, B, *data.shape[1:])
+
+    def pack(self, seq: torch.Tensor) -> torch.Tensor:
+        """(T, B, X) -> the packed data (N, X): the inverse of ``pad``."""
+        return seq.flatten(0, 1).index_select(0, self.packed_rows())
+
 
 def step_order(num_steps: int, reverse: bool) -> range:
     """The time steps in the order a direction processes them."""

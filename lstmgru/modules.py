@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
 from . import onnx as _onnx
@@ -413,8 +413,9 @@ class _RNNBase(nn.Module):
                 raise ValueError(f"{self.mode}: PackedSequence data must be 2-D (sum of lengths, "
                                  f"input_size), got {data.dim()}-D")
             self._check_input(data, "PackedSequence data")
-            x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes_t))
-            lengths = Lengths.from_batch_sizes(batch_sizes_t.tolist(), x.shape[1], x.device)
+            batch_sizes = batch_sizes_t.tolist()
+            lengths = Lengths.from_batch_sizes(batch_sizes, batch_sizes[0], data.device)
+            x = lengths.pad(data)  # not pad_packed_sequence: it has no forward-mode AD
             batched = True
         else:
             if input.dim() not in (2, 3):
@@ -462,8 +463,8 @@ class _RNNBase(nn.Module):
                                              options if variants else None, reset)
 
         if lengths is not None:
-            packed = pack_padded_sequence(output, lengths.per_row.cpu(), enforce_sorted=True)
-            output = PackedSequence(packed.data, batch_sizes_t, sorted_indices, unsorted_indices)
+            output = PackedSequence(lengths.pack(output), batch_sizes_t, sorted_indices,
+                                    unsorted_indices)
             if unsorted_indices is not None:
                 final = [f.index_select(1, unsorted_indices) for f in final]
         elif not batched:
@@ -510,9 +511,7 @@ class _RNNBase(nn.Module):
         seed draws the same mask), on the whole output otherwise."""
         if lengths is None:
             return F.dropout(layer_input, self.dropout, training=True)
-        packed = pack_padded_sequence(layer_input, lengths.per_row.cpu(), enforce_sorted=True)
-        data = F.dropout(packed.data, self.dropout, training=True)
-        return pad_packed_sequence(PackedSequence(data, packed.batch_sizes))[0]
+        return lengths.pad(F.dropout(lengths.pack(layer_input), self.dropout, training=True))
 
     def _norms(self, layer: int, direction: int, dtype) -> Optional[list]:
         if not self.layer_norm:
