@@ -34,7 +34,8 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
     ``num_inputs`` arguments (tensors or None, in the order ``spec`` takes them; the last one
     is the per-row lengths, never differentiated); ``options`` are plain flags.
     ``fast_backward(grads, saved, inputs, outputs, options)`` returns one gradient per input
-    but the lengths. ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
+    but the lengths; ``outputs`` holds the first result only (y, the states of every step:
+    the final states are not kept, since no backward reads them). ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
     """
 
     namespace, op_name = qualname.split("::")
@@ -47,7 +48,7 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
         tensors, options = inputs[:num_inputs], inputs[num_inputs:-1]
         results, saved = output[:num_outputs], output[num_outputs:]
         ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(*tensors, *results, *saved)
+        ctx.save_for_backward(*tensors, results[0], *saved)
         # Forward-mode AD (``jvp``) reads the inputs only.
         ctx.save_for_forward(*tensors)
         ctx.options = options
@@ -56,8 +57,8 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
     def backward(ctx, *grads):
         stored = ctx.saved_tensors
         tensors = stored[:num_inputs]
-        results = stored[num_inputs:num_inputs + num_outputs]
-        saved = stored[num_inputs + num_outputs:]
+        results = stored[num_inputs:num_inputs + 1]
+        saved = stored[num_inputs + 1:]
         grads = grads[:num_outputs]
         if torch.is_grad_enabled():
             input_grads = _differentiable_backward(ctx, spec, tensors, grads, num_inputs)
