@@ -21,8 +21,8 @@ Examples:
   python benchmarks/memory_bench.py --dry-run              # a tiny CPU form, seconds
   TRITON_INTERPRET=1 python benchmarks/memory_bench.py --backends reference triton-tiled \
       --seq-len 16 --batch 4 --rounds 0                    # kernels' bytes in the interpreter
-  python benchmarks/memory_bench.py --device cuda --dtype float16 --seq-len 1024 --batch 16 \
-      --input-size 768 --hidden-size 768                   # the GPU check's point
+  python benchmarks/memory_bench.py --device cuda          # the GPU check's point: T=1024
+      B=16 I=H=768 float16; torch.nn (cuDNN, with its reserve bytes), triton, reference
 """
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import lstmgru  # noqa: E402
 
+# The issue's CPU measurement, and the GPU check's point (FlashRNN's published shape).
+CPU_POINT = {"dtype": "float32", "seq_len": 256, "batch": 16, "input_size": 64,
+             "hidden_size": 128, "backends": ["torch.nn", "reference"]}
+GPU_POINT = {"dtype": "float16", "seq_len": 1024, "batch": 16, "input_size": 768,
+             "hidden_size": 768, "backends": ["torch.nn", "triton", "reference"]}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -101,7 +106,8 @@ def saved_per_step_row(model, backend, x, weights, unit_bytes) -> dict:
         context = lstmgru.use_backend(backend) if backend != "torch.nn" else _null()
         with context:
             y = model(x)[0]
-    result = {"saved_bytes": saved.total, "saved_H_per_step_row": saved.total / (T * B * unit_bytes)}
+    result = {"saved_bytes": saved.total,
+              "saved_H_per_step_row": saved.total / (T * B * unit_bytes)}
     (y * weights).sum().backward()  # frees the graph
     return result
 
@@ -159,22 +165,29 @@ def time_steps(contenders, rounds: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=["LSTM", "GRU"])
-    parser.add_argument("--backends", nargs="+", default=["torch.nn", "reference"],
-                        help="torch.nn and lstmgru backend names")
+    parser.add_argument("--backends", nargs="+",
+                        help="torch.nn and lstmgru backend names (default: torch.nn reference; "
+                             "on CUDA also triton)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--input-size", type=int, default=64)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    # Defaults per device: CPU_POINT or GPU_POINT where a flag is not given.
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--hidden-size", type=int)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (0: no timing)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny CPU shape, 1 round")
     parser.add_argument("--json", type=Path, help="also write the records here")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.device, args.seq_len, args.batch, args.input_size, args.hidden_size = \
-            "cpu", 8, 2, 4, 8
+        args.device = "cpu"
+    point = GPU_POINT if args.device.startswith("cuda") else CPU_POINT
+    for name, value in point.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.dry_run:
+        args.seq_len, args.batch, args.input_size, args.hidden_size = 8, 2, 4, 8
         args.rounds = min(args.rounds, 1)
         if args.dtype not in ("float32", "float64"):
             args.dtype = "float32"
@@ -196,9 +209,12 @@ def main(argv=None):
             if device.type == "cuda":
                 record.update(cuda_peak_per_step_row(model, backend, x, weights, unit))
                 if backend == "torch.nn":
-                    record["cudnn_reserve_bytes"] = cudnn_reserve_bytes(model, x)
-                    record["cudnn_reserve_H_per_step_row"] = (
-                        record["cudnn_reserve_bytes"] / (args.seq_len * args.batch * unit))
+                    try:
+                        record["cudnn_reserve_bytes"] = cudnn_reserve_bytes(model, x)
+                        record["cudnn_reserve_H_per_step_row"] = (
+                            record["cudnn_reserve_bytes"] / (args.seq_len * args.batch * unit))
+                    except RuntimeError as error:  # reported in the table, not hidden
+                        record["cudnn_reserve_error"] = str(error).splitlines()[0]
             records.append(record)
             steps[backend] = (lambda m=model, b=backend, w=weights: run_step(m, b, x, w))
         if args.rounds:
@@ -218,9 +234,14 @@ def main(argv=None):
     for r in records:
         ms = f"{r['step_ms']:.2f}" if "step_ms" in r else "-"
         print(f"| {r['cell']} | {r['backend']} | {r['saved_H_per_step_row']:.2f} | {ms} |")
+        if "cuda_kept_H_per_step_row" in r:
+            print(f"| {r['cell']} | {r['backend']}: CUDA memory kept after the forward | "
+                  f"{r['cuda_kept_H_per_step_row']:.2f} | |")
         if "cudnn_reserve_H_per_step_row" in r:
             print(f"| {r['cell']} | cuDNN reserve alone | "
                   f"{r['cudnn_reserve_H_per_step_row']:.2f} | |")
+        if "cudnn_reserve_error" in r:
+            print(f"| {r['cell']} | cuDNN reserve: {r['cudnn_reserve_error']} | - | |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     return records

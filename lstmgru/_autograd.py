@@ -35,7 +35,10 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
     is the per-row lengths, never differentiated); ``options`` are plain flags.
     ``fast_backward(grads, saved, inputs, outputs, options)`` returns one gradient per input
     but the lengths; ``outputs`` holds the first result only (y, the states of every step:
-    the final states are not kept, since no backward reads them). ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
+    the final states are not kept, since no backward reads them).
+    ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
+
+    Returns an object whose ``apply`` runs the Function (``_Recurrence``).
     """
 
     namespace, op_name = qualname.split("::")
