@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
@@ -85,6 +86,8 @@ def _transform() -> str:
         return "torch.compile"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "torch.func"
+    if forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
+        return "forward-mode AD"
     return ""
 
 

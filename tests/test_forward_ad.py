@@ -145,9 +145,9 @@ def test_jacfwd_and_hessian_match_torch_nn(backend, op, kw):
 
 
 def test_auto_path_under_forward_ad():
-    """What runs under each form of forward-mode AD with backend "auto" on the CPU: under
-    torch.func transforms the reference (torch's RNN kernels have no functorch rules); with
-    dual tensors torch's kernel, whose forward-AD formula torch provides."""
+    """What runs under forward-mode AD with backend "auto" on the CPU: the reference, both under
+    torch.func transforms (torch's RNN kernels have no functorch rules) and with dual tensors
+    (torch's float32 oneDNN LSTM has no forward-AD formula: test_dual_tensors_in_float32)."""
     from lstmgru import backends
 
     chosen = []
@@ -167,7 +167,23 @@ def test_auto_path_under_forward_ad():
             m(fwAD.make_dual(x, torch.randn_like(x)))
     finally:
         backends._select = original
-    assert chosen == ["reference", "native"]
+    assert chosen == ["reference", "reference"]
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_dual_tensors_in_float32(op):
+    """torch.nn's float32 CPU LSTM raises under dual tensors (oneDNN's mkldnn_rnn_layer has no
+    forward-AD formula); ours runs, and agrees with torch.nn's float64 tangent."""
+    torch.manual_seed(77)
+    ours = getattr(lstmgru, op)(I, H)
+    theirs = getattr(torch.nn, op)(I, H, dtype=F64)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x, v = torch.randn(T, B, I), torch.randn(T, B, I)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, v))[0]).tangent
+        want = fwAD.unpack_dual(theirs(fwAD.make_dual(x.double(), v.double()))[0]).tangent
+    # float32 primal and tangent against float64: fp32 rounding over T steps.
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ beyond torch.nn
