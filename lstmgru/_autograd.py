@@ -10,13 +10,17 @@ own rules, ``register_row_vmap``):
 * a backward that must itself be differentiable (``create_graph=True``: double backward,
   Hessians, ``torch.func.grad``, which always asks for it) recomputes the step through the
   cell's spec, a composition of differentiable torch ops, and differentiates that. Nothing
-  returns zeros where a higher derivative exists.
+  returns zeros where a higher derivative exists;
+* forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``
+  dual tensors) runs the ``jvp`` rule: the cell's spec linearised around the primal inputs
+  (``_spec_jvp``), the same tangent recurrence whichever implementation ran the forward.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 
 def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec: Callable,
@@ -30,7 +34,11 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
     ``num_inputs`` arguments (tensors or None, in the order ``spec`` takes them; the last one
     is the per-row lengths, never differentiated); ``options`` are plain flags.
     ``fast_backward(grads, saved, inputs, outputs, options)`` returns one gradient per input
-    but the lengths. ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
+    but the lengths; ``outputs`` holds the first result only (y, the states of every step:
+    the final states are not kept, since no backward reads them).
+    ``spec(*inputs, *options)`` returns the same ``num_outputs`` results.
+
+    Returns an object whose ``apply`` runs the Function (``_Recurrence``).
     """
 
     namespace, op_name = qualname.split("::")
@@ -43,14 +51,17 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
         tensors, options = inputs[:num_inputs], inputs[num_inputs:-1]
         results, saved = output[:num_outputs], output[num_outputs:]
         ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(*tensors, *results, *saved)
+        ctx.save_for_backward(*tensors, results[0], *saved)
+        # Forward-mode AD (``jvp``) reads the inputs only.
+        ctx.save_for_forward(*tensors)
         ctx.options = options
+        ctx.num_saved = len(saved)
 
     def backward(ctx, *grads):
         stored = ctx.saved_tensors
         tensors = stored[:num_inputs]
-        results = stored[num_inputs:num_inputs + num_outputs]
-        saved = stored[num_inputs + num_outputs:]
+        results = stored[num_inputs:num_inputs + 1]
+        saved = stored[num_inputs + 1:]
         grads = grads[:num_outputs]
         if torch.is_grad_enabled():
             input_grads = _differentiable_backward(ctx, spec, tensors, grads, num_inputs)
@@ -58,13 +69,68 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
             input_grads = fast_backward(grads, saved, tensors, results, ctx.options)
         return (*input_grads, None) + (None,) * (len(ctx.options) + 1)
 
+    def jvp(ctx, *tangents):
+        tensors = ctx.saved_tensors[:num_inputs]
+        result_tangents = _spec_jvp(spec, tensors, tangents[:num_inputs - 1], ctx.options)
+        # The tensors kept for the backward are not differentiable: no tangent.
+        return (*result_tangents,) + (None,) * ctx.num_saved
+
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-    return type(name, (torch.autograd.Function,), {
+    methods = {
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
-    })
+    }
+    traced = type(name, (torch.autograd.Function,), methods)
+    eager = type(name, (torch.autograd.Function,), {**methods, "jvp": staticmethod(jvp)})
+    return _Recurrence(eager, traced)
+
+
+class _Recurrence:
+    """``apply`` runs the autograd.Function with the ``jvp`` rule, except while dynamo traces
+    (torch.compile, torch.export): dynamo refuses Functions that define ``jvp``, so it gets
+    the same Function without it (forward-mode AD of a compiled call is not supported)."""
+
+    def __init__(self, eager, traced):
+        self.eager, self.traced = eager, traced
+
+    def apply(self, *args):
+        if torch.compiler.is_compiling():
+            return self.traced.apply(*args)
+        return self.eager.apply(*args)
+
+
+def _spec_jvp(spec, tensors: Sequence, tangents: Sequence, options) -> tuple:
+    """The tangents of the recurrence's results: the recurrence linearised around the primal
+    inputs, as forward-mode AD of the cell's spec (``torch.func.jvp`` of its step loop).
+
+    One definition for every implementation (the reference, the kernels, the variants): the
+    tangent depends only on the function, not on how its forward was computed. It costs about
+    two forward passes of the spec in plain PyTorch (the primal is recomputed alongside)."""
+    wanted = [i for i, tangent in enumerate(tangents)
+              if tangent is not None and tensors[i] is not None]
+
+    def spec_of(*chosen):
+        args = list(tensors)
+        for i, tensor in zip(wanted, chosen):
+            args[i] = tensor
+        return tuple(spec(*args, *options))
+
+    if not wanted:
+        return tuple(torch.zeros_like(result) for result in spec_of())
+    primals = tuple(tensors[i] for i in wanted)
+    chosen_tangents = tuple(tangents[i] for i in wanted)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Under torch.func (jvp, jacfwd, hessian): a level of its own, like any transform.
+        return torch.func.jvp(spec_of, primals, chosen_tangents)[1]
+    # Dual tensors of torch.autograd.forward_ad: only one dual level may be open, and this
+    # rule runs inside it (with forward grad switched off), so the spec runs on dual tensors
+    # of that level, made from the inputs' primals (the saved inputs are the dual ones).
+    with forward_ad._set_fwd_grad_enabled(True):
+        results = spec_of(*(forward_ad.make_dual(forward_ad.unpack_dual(p).primal, t)
+                            for p, t in zip(primals, chosen_tangents)))
+        return tuple(forward_ad.unpack_dual(result).tangent for result in results)
 
 
 def _differentiable_backward(ctx, spec, tensors: Sequence, grads: Sequence, num_inputs: int):

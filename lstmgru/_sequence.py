@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 
 class Lengths(NamedTuple):
@@ -50,6 +49,36 @@ class Lengths(NamedTuple):
         steps = torch.arange(num_steps, device=per_row.device)
         sizes = (per_row.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
         return Lengths(tuple(sizes.tolist()), per_row)
+
+    def packed_rows(self) -> torch.Tensor:
+        """For each row of the packed data, its row in the padded (T * B, .) layout."""
+        sizes = torch.tensor(self.batch_sizes, dtype=torch.int64)
+        return packed_row_index(sizes, self.batch_sizes[0]).to(self.per_row.device)
+
+    def pad(self, data: torch.Tensor) -> torch.Tensor:
+        """Packed data (N, X) -> (T, B, X), zeros where a row is inactive."""
+        T, B = len(self.batch_sizes), self.batch_sizes[0]
+        padded = data.new_zeros(T * B, *data.shape[1:])
+        return padded.index_copy(0, self.packed_rows(), data).view(T, B, *data.shape[1:])
+
+
+def packed_row_index(batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    """For each row of packed data, its row in the padded (T * B) layout, on the CPU.
+
+    Packed data lists the active rows of step 0, then of step 1, ..., each a prefix of the
+    length-sorted rows. Packing and unpacking are plain indexing with this (not torch's
+    ``pack_padded_sequence``/``pad_packed_sequence``), so they have forward-mode AD and
+    torch.func rules, work on the meta device and allow rows of length 0."""
+    total = int(batch_sizes.sum())
+    step = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes,
+                                   output_size=total)
+    starts = batch_sizes.cumsum(0) - batch_sizes
+    return step * batch + torch.arange(total) - starts[step]
+
+
+def _index_of_sorted_lengths(host: torch.Tensor, num_steps: int, device) -> torch.Tensor:
+    batch_sizes = (host.unsqueeze(0) > torch.arange(num_steps).unsqueeze(1)).sum(1)
+    return packed_row_index(batch_sizes, host.numel()).to(device)
 
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -123,24 +152,15 @@ def pack_rows(padded: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     """The packed data (sum of lengths, X) of ``padded`` (T, B, X), whose rows are sorted by
     length with ``host`` (B,) on the CPU: what ``pack_padded_sequence`` gives, except that
     rows of length 0 (last, being sorted) are allowed and hold nothing."""
-    rows = int((host > 0).sum())
-    if rows == 0:
-        return padded.new_empty(0, padded.shape[2])
-    return pack_padded_sequence(padded[:, :rows], host[:rows], enforce_sorted=True).data
+    index = _index_of_sorted_lengths(host, padded.shape[0], padded.device)
+    return padded.flatten(0, 1).index_select(0, index)
 
 
 def unpack_rows(data: torch.Tensor, host: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_rows``: (T, B, X) shaped like ``like``, zero past each length."""
-    rows = int((host > 0).sum())
-    T = like.shape[0]
-    if rows == 0:
-        return torch.zeros_like(like)
-    batch_sizes = (host[:rows].unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
-    batch_sizes = batch_sizes[: int(host[0])]
-    padded, _ = pad_packed_sequence(PackedSequence(data, batch_sizes), total_length=T)
-    if rows == like.shape[1]:
-        return padded
-    return torch.cat([padded, like.new_zeros(T, like.shape[1] - rows, like.shape[2])], 1)
+    index = _index_of_sorted_lengths(host, like.shape[0], like.device)
+    padded = like.new_zeros(like.shape[0] * like.shape[1], *like.shape[2:])
+    return padded.index_copy(0, index, data).view_as(like)
 
 
 def step_order(num_steps: int, reverse: bool) -> range:

@@ -83,7 +83,7 @@ class Case(NamedTuple):
     proj_size: int = 0
     reset_after: bool = True  # GRU: False is the original GRU, which torch cannot compute
     variants: Tuple[str, ...] = ()  # cell variants in force (names); torch computes none
-    transform: str = ""       # "torch.compile" or "torch.func" while one is tracing the call
+    transform: str = ""       # "torch.compile", "torch.func" or "forward-mode AD" (dual tensors)
     autocast: bool = False    # float16/bfloat16: autocast is on for device_type (``select``)
 
 

@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.autograd import forward_ad
+from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
 from . import onnx as _onnx
@@ -87,6 +88,8 @@ def _transform() -> str:
         return "torch.compile"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "torch.func"
+    if forward_ad._current_level >= 0:  # inside torch.autograd.forward_ad.dual_level()
+        return "forward-mode AD"
     return ""
 
 
@@ -540,8 +543,9 @@ class _RNNBase(nn.Module):
                 raise ValueError(f"{self.mode}: PackedSequence data must be 2-D (sum of lengths, "
                                  f"input_size), got {data.dim()}-D")
             self._check_input(data, "PackedSequence data")
-            x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes_t))
-            lengths = Lengths.from_batch_sizes(batch_sizes_t.tolist(), x.shape[1], x.device)
+            batch_sizes = batch_sizes_t.tolist()
+            lengths = Lengths.from_batch_sizes(batch_sizes, batch_sizes[0], data.device)
+            x = lengths.pad(data)  # not pad_packed_sequence: it has no forward-mode AD
             batched = True
         else:
             if input.dim() not in (2, 3):

@@ -145,11 +145,14 @@ def test_vmap_and_per_sample_gradients(op, kw):
             assert_close(per_sample[k][i], p.grad, f"{k}[{i}]", atol=1e-10)
 
 
-def test_forward_mode_jvp_raises_clearly():
-    m = lstmgru.LSTM(3, 4, dtype=F64)
+def test_forward_mode_jvp_matches_torch():
+    """Forward-mode AD works as on torch.nn (tests/test_forward_ad.py covers it in full)."""
+    ours, ref = _pair("LSTM")
     x = _input("LSTM")
-    with pytest.raises(RuntimeError, match="jvp"):
-        torch.func.jvp(lambda inp: m(inp)[0], (x,), (torch.ones_like(x),))
+    v = torch.randn_like(x)
+    got = torch.func.jvp(lambda inp: ours(inp)[0], (x,), (v,))[1]
+    want = torch.func.jvp(lambda inp: ref(inp)[0], (x,), (v,))[1]
+    assert_close(got, want, "jvp", atol=1e-10)
 
 
 @pytest.mark.parametrize("how", ["weight_norm", "orthogonal", "spectral_norm", "legacy",

@@ -22,6 +22,9 @@ def variants_reason(case: Case) -> Optional[str]:
                 "the recurrence runs as one lstmgru op instead")
     if case.transform == "torch.func":
         return "torch's RNN kernels have no torch.func (vmap) rules"
+    if case.transform == "forward-mode AD":
+        # oneDNN's LSTM (float32 on the CPU) raises: mkldnn_rnn_layer has no forward-AD formula
+        return "torch's oneDNN LSTM kernel has no forward-mode AD formula"
     if case.variants:
         return f"torch's kernels compute none of the cell variants ({', '.join(case.variants)})"
     return None

@@ -5,6 +5,9 @@ here or in the kernels).
 Structure as in ``lstmgru/cells/lstm/reference.py``: the caller projects the input for all
 steps; this is the sequential part as an ``autograd.Function`` with an explicit backward whose
 per-step work is a few in-place ops, and the ``W_hh`` gradient is one GEMM over all steps.
+The forward keeps nothing of its own: the backward recomputes the gates of all steps from
+``gates_x`` and the outputs (the states), with one GEMM over all steps (two for the original
+GRU), so the backward holds 4H values per step and row with ``gates_x`` (cuDNN's reserve: 6H).
 """
 from __future__ import annotations
 
@@ -22,16 +25,14 @@ from . import spec
 from .variants_reference import gru_recurrence as variant_recurrence
 
 # --------------------------------------------------------------------------------------
-def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after, save):
+def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after):
     T, B, G = gates_x.shape
     H = G // 3
     packed = lengths is not None
     y = storage(gates_x, T, B, H, packed)
-    act = storage(gates_x, T if save else 1, B, G, packed)        # r, z, n after activation
-    # What the backward needs besides the activations: with reset_after the recurrent
-    # products h W_hh^T (+ b_hn) (dr needs their n block); without it r * h_{t-1} (the
-    # right operand of the n-block weight gradient).
-    recurrent = storage(gates_x, T if save else 1, B, G if reset_after else H, packed)
+    act = storage(gates_x, 1, B, G, packed)        # r, z, n after activation
+    # with reset_after the recurrent products h W_hh^T (+ b_hn); without it r * h_{t-1}
+    recurrent = storage(gates_x, 1, B, G if reset_after else H, packed)
     w_hh_t = weight_hh.detach().t()       # detached: see _lstm_forward
     w_rz_t, w_n_t = w_hh_t[:, :2 * H], w_hh_t[:, 2 * H:]
     bias_h = None
@@ -73,17 +74,43 @@ def _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after,
         h_prev = out
         if packed:
             h_carry.put(out)
-    return y, (h_carry.finish() if packed else h_prev), act, recurrent
+    return y, (h_carry.finish() if packed else h_prev)
 
 
-def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, lengths,
-                  reverse, reset_after):
-    T, B, G = act.shape
+def _recomputed_gates(gates_x, h_prev, weight_hh, bias_hn, reset_after):
+    """The forward's gate activations r, z, n of every step (T, B, 3H) and what the backward
+    needs beside them: with reset_after the recurrent products h W_hh^T (+ b_hn) (dr needs
+    their n block); without it r * h_{t-1} (the n block's weight-gradient operand)."""
+    T, B, G = gates_x.shape
+    H = G // 3
+    rows = h_prev.reshape(T * B, H)
+    w_hh_t = weight_hh.detach().t()
+    if reset_after:
+        recurrent = torch.mm(rows, w_hh_t).view(T, B, G)
+        if bias_hn is not None:
+            recurrent[..., 2 * H:] += bias_hn.detach()
+        act = torch.add(gates_x, recurrent)
+        act[..., :2 * H].sigmoid_()
+        torch.addcmul(gates_x[..., 2 * H:], act[..., :H], recurrent[..., 2 * H:],
+                      out=act[..., 2 * H:]).tanh_()
+        return act, recurrent
+    rz = torch.addmm(gates_x[..., :2 * H].reshape(T * B, 2 * H), rows,
+                     w_hh_t[:, :2 * H]).sigmoid_().view(T, B, 2 * H)
+    recurrent = rz[..., :H] * h_prev
+    cand = torch.addmm(gates_x[..., 2 * H:].reshape(T * B, H), recurrent.view(T * B, H),
+                       w_hh_t[:, 2 * H:]).tanh_().view(T, B, H)
+    return torch.cat([rz, cand], dim=2), recurrent
+
+
+def _gru_backward(grad_y, grad_h_n, gates_x, y, h0, weight_hh, bias_hn, lengths, reverse,
+                  reset_after):
+    T, B, G = gates_x.shape
     H = G // 3
     packed = lengths is not None
     per_row = None if lengths is None else lengths.per_row
-    r, z, cand = act[..., :H], act[..., H:2 * H], act[..., 2 * H:]
     h_prev = previous_states(y, h0, per_row, reverse)
+    act, recurrent = _recomputed_gates(gates_x, h_prev, weight_hh, bias_hn, reset_after)
+    r, z, cand = act[..., :H], act[..., H:2 * H], act[..., 2 * H:]
     # Factors of the gate gradients per unit of d h_t, for all steps at once.
     dcand_pre = (1 - z) * (1 - cand * cand)              # d n_pre / d h_t
     dz_pre = (h_prev - cand) * z * (1 - z)               # d z_pre / d h_t
@@ -178,52 +205,46 @@ def _gru_backward(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, l
 @torch.library.custom_op("lstmgru::gru_reference", mutates_args=())
 def gru_reference(gates_x: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor],
                   per_row: Optional[Tensor], reverse: bool, reset_after: bool,
-                  save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  save: bool) -> Tuple[Tensor, Tensor]:
+    # ``save`` stays in the signature of every recurrence op; this one keeps nothing.
     lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
-    y, h_n, act, recurrent = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse,
-                                          reset_after, save)
-    if not save:  # nothing kept; each an own tensor, since results must not alias
-        act, recurrent = gates_x.new_empty(0), gates_x.new_empty(0)
-    return y, h_n.clone(), act, recurrent  # h_n may be a view of y: results must not alias
+    y, h_n = _gru_forward(gates_x, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
+    return y, h_n.clone()  # h_n may be a view of y: results must not alias
 
 
 @gru_reference.register_fake
 def _(gates_x, h0, weight_hh, bias_hn, per_row, reverse, reset_after, save):
     T, B, G = gates_x.shape
-    H = G // 3
-    act = gates_x.new_empty(T, B, G) if save else gates_x.new_empty(0)
-    recurrent = gates_x.new_empty(T, B, G if reset_after else H) if save else gates_x.new_empty(0)
-    return gates_x.new_empty(T, B, H), h0.new_empty(B, H), act, recurrent
+    return gates_x.new_empty(T, B, G // 3), h0.new_empty(B, G // 3)
 
 
 @torch.library.custom_op("lstmgru::gru_reference_backward", mutates_args=())
-def gru_reference_backward(grad_y: Tensor, grad_h_n: Tensor, act: Tensor, recurrent: Tensor,
-                           y: Tensor, h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor],
+def gru_reference_backward(grad_y: Tensor, grad_h_n: Tensor, gates_x: Tensor, y: Tensor,
+                           h0: Tensor, weight_hh: Tensor, bias_hn: Optional[Tensor],
                            per_row: Optional[Tensor], reverse: bool,
                            reset_after: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    lengths = None if per_row is None else Lengths.from_per_row(per_row, act.shape[0])
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
     grad_gates, grad_h0, grad_w_hh, grad_b_hn = _gru_backward(
-        grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, lengths, reverse,
-        reset_after)
-    return grad_gates, grad_h0, grad_w_hh, grad_b_hn if grad_b_hn is not None else act.new_empty(0)
+        grad_y, grad_h_n, gates_x, y, h0, weight_hh, bias_hn, lengths, reverse, reset_after)
+    return (grad_gates, grad_h0, grad_w_hh,
+            grad_b_hn if grad_b_hn is not None else gates_x.new_empty(0))
 
 
 @gru_reference_backward.register_fake
-def _(grad_y, grad_h_n, act, recurrent, y, h0, weight_hh, bias_hn, per_row, reverse,
-      reset_after):
-    return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(weight_hh),
-            torch.empty_like(bias_hn) if bias_hn is not None else act.new_empty(0))
+def _(grad_y, grad_h_n, gates_x, y, h0, weight_hh, bias_hn, per_row, reverse, reset_after):
+    return (torch.empty_like(gates_x), torch.empty_like(h0), torch.empty_like(weight_hh),
+            torch.empty_like(bias_hn) if bias_hn is not None else gates_x.new_empty(0))
 
 
 # Batch rows: as for the LSTM's ops (lstm/reference.py).
-register_row_vmap(gru_reference, (1, 0, None, None, 0, None, None, None), (1, 0, 1, 1))
-register_row_vmap(gru_reference_backward, (1, 0, 1, 1, 1, 0, None, None, 0, None, None), None)
+register_row_vmap(gru_reference, (1, 0, None, None, 0, None, None, None), (1, 0))
+register_row_vmap(gru_reference_backward, (1, 0, 1, 1, 0, None, None, 0, None, None), None)
 
 
 def _fast_backward(grads, saved, inputs, outputs, options):
     gates_x, h0, weight_hh, bias_hn, per_row = inputs
     grad_gates, grad_h0, grad_w_hh, grad_b_hn = torch.ops.lstmgru.gru_reference_backward(
-        *grads, *saved, outputs[0], h0, weight_hh, bias_hn, per_row, *options)
+        *grads, gates_x, outputs[0], h0, weight_hh, bias_hn, per_row, *options)
     return grad_gates, grad_h0, grad_w_hh, grad_b_hn if bias_hn is not None else None
 
 

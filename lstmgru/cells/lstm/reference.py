@@ -5,8 +5,12 @@ One call runs one layer in one direction over all steps. The input projection is
 caller for every step at once (``gates_x``); what stays is the sequential part,
 ``h_{t-1} @ W_hh^T`` plus the gate math, as an ``autograd.Function`` with an explicit backward:
 
-* the forward saves the gate activations, the cell states and tanh of them, nothing else;
-* the backward is a reverse loop producing the gradient of every gate pre-activation at every
+* the forward keeps only the cell states (besides its inputs and its output y, which autograd
+  holds anyway): 5H values per step and row with ``gates_x``, what cuDNN's reserve space holds;
+* the backward first recomputes the gate activations of all steps from ``gates_x`` and the
+  saved states, as ONE matrix product ``h_{t-1} @ W_hh^T`` over all steps (cheap beside the
+  sequential loop, which multiplies one step at a time);
+* then it runs a reverse loop producing the gradient of every gate pre-activation at every
   step; what does not depend on the recurrence (products of saved activations) is computed for
   all steps at once before the loop, so each step is a handful of in-place ops;
 * the gradients of ``W_hh`` and ``W_hr`` are each ONE matrix product over all steps.
@@ -38,11 +42,9 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save)
     P = h0.shape[1]
     packed = lengths is not None
     y = storage(gates_x, T, B, P, packed)
-    act = storage(gates_x, T if save else 1, B, G, packed)      # i, f, g, o after activation
+    act = storage(gates_x, 1, B, G, packed)                     # i, f, g, o after activation
     cells = storage(gates_x, T if save else 2, B, H, packed)    # c_t (a ring of 2 suffices)
-    # tanh(c_t) is kept for backward: recomputing it costs a full pass of CPU tanh, which is
-    # several times slower than sigmoid.
-    tanh_cells = storage(gates_x, T if save else 1, B, H, packed)
+    tanh_cells = storage(gates_x, 1, B, H, packed)
     pre = gates_x.new_empty(B, G)
     pre_g = pre[:, 2 * H:3 * H]
     hidden = gates_x.new_empty(B, H)                             # o * tanh(c) before W_hr
@@ -81,17 +83,33 @@ def _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse, save)
             h_carry.put(out)
             c_carry.put(c)
     if packed:
-        return y, h_carry.finish(), c_carry.finish(), act, cells, tanh_cells
-    return y, h_prev, c_prev, act, cells, tanh_cells
+        return y, h_carry.finish(), c_carry.finish(), cells
+    return y, h_prev, c_prev, cells
 
 
-def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, weight_hh,
+def recomputed_activations(gates_x: Tensor, h_prev: Tensor, weight_hh: Tensor) -> Tensor:
+    """The gate activations i, f, g, o of every step (T, B, 4H), from the input part of the
+    pre-activations and the state entering each step: ONE matrix product over all steps."""
+    T, B, G = gates_x.shape
+    H = G // 4
+    act = torch.addmm(gates_x.reshape(T * B, G), h_prev.reshape(T * B, -1),
+                      weight_hh.detach().t()).view(T, B, G)
+    torch.tanh(act[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+    act[..., :2 * H].sigmoid_()
+    act[..., 3 * H:].sigmoid_()
+    return act
+
+
+def _lstm_backward(grad_y, grad_h_n, grad_c_n, gates_x, cells, y, h0, c0, weight_hh,
                    weight_hr, lengths, reverse):
-    T, B, G = act.shape
+    T, B, G = gates_x.shape
     H = G // 4
     P = y.shape[2]
     packed = lengths is not None
     per_row = None if lengths is None else lengths.per_row
+    h_prev = previous_states(y, h0, per_row, reverse)
+    act = recomputed_activations(gates_x, h_prev, weight_hh)
+    tanh_c = torch.tanh(cells)
     i, f, g, o = act[..., :H], act[..., H:2 * H], act[..., 2 * H:3 * H], act[..., 3 * H:]
     c_prev = previous_states(cells, c0, per_row, reverse)
     # Everything that does not depend on the recurrent gradient, for all steps at once:
@@ -149,7 +167,7 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
         torch.mul(dct, f_t, out=dcc)
         rows_before, dg_before = n, dg
 
-    grad_weight_hh = recurrent_weight_grad(grad_gates, previous_states(y, h0, per_row, reverse))
+    grad_weight_hh = recurrent_weight_grad(grad_gates, h_prev)
     grad_h0 = first_step_rows(grad_gates, lengths, reverse).mm(weight_hh)
     grad_weight_hr = None
     if weight_hr is not None:
@@ -163,59 +181,58 @@ def _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_c, y, h0, c0, we
 @torch.library.custom_op("lstmgru::lstm_reference", mutates_args=())
 def lstm_reference(gates_x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                    weight_hr: Optional[Tensor], per_row: Optional[Tensor], reverse: bool,
-                   save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
-    y, h_n, c_n, act, cells, tanh_cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr,
-                                                        lengths, reverse, save)
-    if not save:  # nothing kept; each an own tensor, since results must not alias
-        act, cells, tanh_cells = (gates_x.new_empty(0) for _ in range(3))
+    y, h_n, c_n, cells = _lstm_forward(gates_x, h0, c0, weight_hh, weight_hr, lengths, reverse,
+                                       save)
+    if not save:  # nothing kept (an own tensor: results must not alias)
+        cells = gates_x.new_empty(0)
     # h_n and c_n may be views of y and cells; op results must not alias one another.
-    return y, h_n.clone(), c_n.clone(), act, cells, tanh_cells
+    return y, h_n.clone(), c_n.clone(), cells
 
 
 @lstm_reference.register_fake
 def _(gates_x, h0, c0, weight_hh, weight_hr, per_row, reverse, save):
     T, B, G = gates_x.shape
     H, P = G // 4, h0.shape[1]
-    saved = [gates_x.new_empty(T, B, width) if save else gates_x.new_empty(0)
-             for width in (G, H, H)]
-    return (gates_x.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H), *saved)
+    cells = gates_x.new_empty(T, B, H) if save else gates_x.new_empty(0)
+    return (gates_x.new_empty(T, B, P), h0.new_empty(B, P), c0.new_empty(B, H), cells)
 
 
 @torch.library.custom_op("lstmgru::lstm_reference_backward", mutates_args=())
-def lstm_reference_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, act: Tensor,
-                            cells: Tensor, tanh_cells: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
+def lstm_reference_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor,
+                            gates_x: Tensor, cells: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
                             weight_hh: Tensor, weight_hr: Optional[Tensor],
                             per_row: Optional[Tensor],
                             reverse: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    lengths = None if per_row is None else Lengths.from_per_row(per_row, act.shape[0])
-    grads = _lstm_backward(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0,
+    lengths = None if per_row is None else Lengths.from_per_row(per_row, gates_x.shape[0])
+    grads = _lstm_backward(grad_y, grad_h_n, grad_c_n, gates_x, cells, y, h0, c0,
                            weight_hh, weight_hr, lengths, reverse)
     grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = grads
     return (grad_gates, grad_h0, grad_c0, grad_w_hh,
-            grad_w_hr if grad_w_hr is not None else act.new_empty(0))
+            grad_w_hr if grad_w_hr is not None else gates_x.new_empty(0))
 
 
 @lstm_reference_backward.register_fake
-def _(grad_y, grad_h_n, grad_c_n, act, cells, tanh_cells, y, h0, c0, weight_hh, weight_hr,
+def _(grad_y, grad_h_n, grad_c_n, gates_x, cells, y, h0, c0, weight_hh, weight_hr,
       per_row, reverse):
-    return (torch.empty_like(act), torch.empty_like(h0), torch.empty_like(c0),
+    return (torch.empty_like(gates_x), torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(weight_hh),
-            torch.empty_like(weight_hr) if weight_hr is not None else act.new_empty(0))
+            torch.empty_like(weight_hr) if weight_hr is not None else gates_x.new_empty(0))
 
 
 # Batch rows are dimension 1 of (T, B, .) tensors and 0 of (B, .) ones. The backward's
 # weight gradients sum over rows: under vmap it runs per slice.
-register_row_vmap(lstm_reference, (1, 0, 0, None, None, 0, None, None), (1, 0, 0, 1, 1, 1))
-register_row_vmap(lstm_reference_backward, (1, 0, 0, 1, 1, 1, 1, 0, 0, None, None, 0, None),
+register_row_vmap(lstm_reference, (1, 0, 0, None, None, 0, None, None), (1, 0, 0, 1))
+register_row_vmap(lstm_reference_backward, (1, 0, 0, 1, 1, 1, 0, 0, None, None, 0, None),
                   None)
 
 
 def _fast_backward(grads, saved, inputs, outputs, options):
     gates_x, h0, c0, weight_hh, weight_hr, per_row = inputs
     grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr = \
-        torch.ops.lstmgru.lstm_reference_backward(*grads, *saved, outputs[0], h0, c0, weight_hh,
-                                                  weight_hr, per_row, *options)
+        torch.ops.lstmgru.lstm_reference_backward(*grads, gates_x, *saved, outputs[0], h0, c0,
+                                                  weight_hh, weight_hr, per_row, *options)
     return grad_gates, grad_h0, grad_c0, grad_w_hh, grad_w_hr if weight_hr is not None else None
 
 
