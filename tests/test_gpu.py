@@ -1,42 +1,18 @@
 """GPU checks of the Triton kernels (skipped without CUDA): against an fp64 reference and
 against cuDNN, long sequences, and run-to-run determinism.
 
-fp32 runs with IEEE products (``_ieee_fp32_products``): torch's default lets cuDNN's RNN, and so
+fp32 runs with IEEE products (``_ieee_fp32_products``, and conftest's session default): torch's default lets cuDNN's RNN, and so
 the kernels, use TF32, whose ~1e-3 errors would swamp fp32 tolerances. One test runs TF32 on
 purpose, with its own tolerance."""
-import contextlib
-
 import pytest
 import torch
 
 import lstmgru
+from _precision import fp32_precision
 from lstmgru._kernels import _launch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@contextlib.contextmanager
-def fp32_precision(precision):
-    """fp32 products in ``precision`` ("ieee" or "tf32") inside the block, through the API this
-    torch has: ``torch.backends.cudnn.rnn.fp32_precision`` (torch >= 2.9, what cuDNN's RNN and
-    the kernels follow; the legacy getter raises once it differs from the conv setting), else
-    ``torch.backends.cudnn.allow_tf32``. Restored afterwards."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is not None and isinstance(getattr(rnn, "fp32_precision", None), str):
-        saved = rnn.fp32_precision
-        rnn.fp32_precision = precision
-        try:
-            yield
-        finally:
-            rnn.fp32_precision = saved
-    else:
-        saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)
