@@ -32,6 +32,8 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._compiler import assume_constant_result
+
 ENV_VAR = "LSTMGRU_BACKEND"
 # Tried in this order by "auto"; a device type not listed uses the default order. The
 # interpreter runs the kernels orders of magnitude slower than the reference, so "auto"
@@ -136,7 +138,7 @@ def select(case: Case) -> Implementation:
     return _select(get_backend(), case)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result  # lstmgru._compiler: without importing torch._dynamo
 def _name_while_compiling(*fields) -> str:
     # Dynamo cannot trace ContextVar.get: the choice is made once, when the graph is built,
     # and baked into it (a backend changed later applies to graphs compiled later). The case

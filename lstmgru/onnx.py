@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ._compiler import assume_constant_result
+
 __all__ = ["is_exporting", "lstm_layer", "gru_layer", "unsupported"]
 
 # torch's gate blocks in ONNX's order: LSTM i, f, g, o -> i, o, f, c; GRU r, z, n -> z, r, h.
@@ -27,7 +29,7 @@ _GRU_ORDER = (1, 0, 2)
 _OPSET = 14  # LSTM-14 and GRU-14, the current versions of both operators
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result  # lstmgru._compiler: without importing torch._dynamo
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (then the modules emit ONNX nodes)."""
     # Called for real also under dynamo (the exporter's strict capture), which would
