@@ -73,3 +73,153 @@ def test_export_dynamic_T_and_B_forward_and_backward(op, kw):
         # exported program our reference op, so sums over steps round in another order.
         for i, (a, b) in enumerate(zip(ran, eager)):
             assert_close(a, b, f"T={T} B={B} item {i}", atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled inference: every grad mode a served model runs under, and switches between them
+# ------------------------------------------------------------------------------------------
+CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTMCell", {}),
+         ("GRUCell", {}), ("GRUCell", {"reset_after": False})]
+
+
+def _first(out):
+    """The output tensor and the final states of any cell's result, as a flat list."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    flat = []
+    for item in out:
+        flat += _first(item)
+    return flat
+
+
+def _input(op, T=5, B=3):
+    return torch.randn(B, 4) if op.endswith("Cell") else torch.randn(T, B, 4)
+
+
+def _cell_model(op, **kw):
+    torch.manual_seed(0)
+    if op.endswith("Cell"):
+        return getattr(lstmgru, op)(4, 8, **kw)
+    return getattr(lstmgru, op)(4, 8, bidirectional=True, **kw)
+
+
+def _check_same(compiled, eager, x, what, **call):
+    got, want = _first(compiled(x, **call)), _first(eager(x, **call))
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.requires_grad or torch.is_grad_enabled(), f"{what}: result {i} has a graph"
+        # 1e-5 as in the fp32 parity tests: eager runs torch's own kernel where it computes
+        # the cell, the graph an lstmgru op, which may round sums over steps in another order.
+        assert_close(a, b, f"{what}: result {i}", atol=1e-5)
+
+
+def _grad_step(compiled, eager, x, what):
+    eager_grads = []
+    for f in (eager, compiled):
+        eager.zero_grad(set_to_none=True)
+        sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in _first(f(x))
+            ).backward()
+        eager_grads.append([p.grad for p in eager.parameters()])
+    for i, (a, b) in enumerate(zip(*eager_grads)):
+        assert_close(b, a, f"{what}: gradient {i}", atol=1e-5)
+
+
+# inductor for the full layers; aot_eager (dynamo and AOTAutograd, where the grad mode
+# matters, without inductor's code generation) for the rest, to keep the suite's time down.
+@pytest.mark.parametrize("op,kw,compiler", [(op, kw, "inductor" if i < 2 else "aot_eager")
+                                            for i, (op, kw) in enumerate(CELLS)])
+def test_compiled_inference_in_every_grad_mode_and_switching(op, kw, compiler):
+    """The first compiled call under no_grad (how a compiled model is served), then
+    inference_mode, eval() + no_grad, frozen parameters, a training step (grad on), and back
+    to no_grad: the same compiled module, each result equal to eager's."""
+    torch._dynamo.reset()
+    m = _cell_model(op, **kw)
+    compiled = torch.compile(m, fullgraph=True, backend=compiler)
+    with torch.no_grad():
+        _check_same(compiled, m, _input(op), "first call under no_grad")
+    with torch.inference_mode():
+        _check_same(compiled, m, _input(op), "inference_mode")
+    m.eval()
+    with torch.no_grad():
+        _check_same(compiled, m, _input(op), "eval() + no_grad")
+    m.requires_grad_(False)
+    _check_same(compiled, m, _input(op), "frozen parameters, grad mode on")
+    m.requires_grad_(True)
+    m.train()
+    _grad_step(compiled, m, _input(op), "training step after inference")
+    with torch.no_grad():
+        _check_same(compiled, m, _input(op), "no_grad again after training")
+
+
+@pytest.mark.parametrize("op,options", [
+    ("LSTM", {}), ("GRU", {}), ("GRU", {"fullgraph": True}), ("LSTM", {"dynamic": True}),
+    ("GRU", {"dynamic": True}), ("LSTM", {"mode": "reduce-overhead"})])
+def test_compiled_inference_first_call_each_compile_option(op, options):
+    """``mode="reduce-overhead"`` (CUDA graphs) applies on CUDA only; on the CPU it must still
+    compile and run."""
+    torch._dynamo.reset()
+    m = _cell_model(op)
+    compiled = torch.compile(m, **options)
+    with torch.no_grad():
+        _check_same(compiled, m, _input(op), f"{options} first call")
+        _check_same(compiled, m, _input(op, T=7, B=2), f"{options} another T and B")
+
+
+VARIANTS = [{"layer_norm": True}, {"zoneout": 0.3}, {"recurrent_dropout": 0.3},
+            {"weight_drop": 0.3}, {"reset": True}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: next(iter(v)))
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_compiled_inference_variants(op, variant):
+    """Each variant under no_grad and inference_mode, in training mode (where dropout-like
+    variants are in force) and in eval. aot_eager runs the traced ATen graph with torch's own
+    random ops in the traced order, so one seed draws the same masks as eager; inductor's
+    generator would not."""
+    torch._dynamo.reset()
+    options = {k: v for k, v in variant.items() if k != "reset"}
+    m = _cell_model(op, **options)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = _input(op)
+    call = {}
+    if "reset" in variant:
+        call["reset"] = torch.rand(x.shape[:-1]) < 0.4
+    for training, mode in [(True, torch.no_grad), (True, torch.inference_mode),
+                           (False, torch.no_grad)]:
+        m.train(training)
+        with mode():
+            torch.manual_seed(7)
+            got = _first(compiled(x, **call))
+            torch.manual_seed(7)
+            want = _first(m(x, **call))
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, f"{variant} training={training} {mode.__name__}: result {i}",
+                         atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("op,kw", CELLS[:3])
+def test_compiled_inference_on_each_backend(op, kw, backend):
+    torch._dynamo.reset()
+    m = _cell_model(op, **kw)
+    with lstmgru.use_backend(backend), torch.no_grad():
+        compiled = torch.compile(m, fullgraph=True)
+        _check_same(compiled, m, _input(op), f"backend {backend}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("op,kw", CELLS[:3])
+def test_compiled_inference_on_triton_in_the_interpreter(op, kw):
+    """The kernels' ops under no_grad (Triton's interpreter on CPU tensors without a GPU);
+    aot_eager: the interpreter runs the kernels, inductor would add nothing."""
+    pytest.importorskip("triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = getattr(lstmgru, op)(4, 16, **kw)
+    x = torch.randn(4, 2, 4)
+    with lstmgru.use_backend("triton"), torch.no_grad():
+        got = _first(torch.compile(m, fullgraph=True, backend="aot_eager")(x))
+    with lstmgru.use_backend("reference"), torch.no_grad():
+        want = _first(m(x))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, f"triton: result {i}", atol=1e-5)
