@@ -481,6 +481,11 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
     ours, ref = _make_pair(lstmgru, c, device, dtype, args.seed)
     for m in (ours, ref):
         m.train(c["mode"] == "training")
+    if args.compile:
+        # --compile: torch.compile(lstmgru) against eager torch.nn. A fresh dynamo state per
+        # config, so that no config runs on a graph (or a recompile limit) left by another.
+        torch._dynamo.reset()
+        ours = torch.compile(ours)
     x, hx, w = _make_inputs(c, device, dtype, args.seed)
     contenders = {
         "ours": _make_step(ours, c["mode"], x, hx, w),
@@ -722,6 +727,10 @@ def parse_args(argv=None):
                    help="CUDA only: set torch.backends.cuda.matmul.allow_tf32 and "
                         "cudnn.allow_tf32 (recorded in meta either way)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--compile", action="store_true",
+                   help="time torch.compile(lstmgru module) against eager torch.nn (the first, "
+                        "compiling call untimed), and report the first compiled call of a "
+                        "Linear-LSTM-Linear model in a fresh process with an empty inductor cache")
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     o.add_argument("--name", default=None, help="file stem (default: DEVICE-YYYYmmdd-HHMMSS)")

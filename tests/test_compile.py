@@ -223,3 +223,90 @@ def test_compiled_inference_on_triton_in_the_interpreter(op, kw):
         want = _first(m(x))
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a, b, f"triton: result {i}", atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled on the CPU: torch's own kernels inside the graph, as eager torch.nn runs them
+# ------------------------------------------------------------------------------------------
+def _torch_pair(op, **kw):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, op)(4, 8, num_layers=2, bidirectional=True, **kw)
+    ours = getattr(lstmgru, op)(4, 8, num_layers=2, bidirectional=True, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_compiled_cpu_inference_is_torch_nn_bit_for_bit(op, kw):
+    """Inference: the LSTM on oneDNN's layer, the GRU on ATen's loop, as eager torch.nn. Equal
+    bit for bit (atol 0): the reference recurrence rounds differently (~1e-7), so a graph
+    that fell back to it would fail here."""
+    torch._dynamo.reset()
+    ours, ref = _torch_pair(op, **kw)
+    compiled = torch.compile(ours, fullgraph=True)
+    x, h = torch.randn(9, 3, 4), torch.randn(4, 3, 8)
+    hx = (h, torch.randn(4, 3, 8)) if op == "LSTM" else h
+    with torch.no_grad():
+        got, want = _first(compiled(x, hx)), _first(ref(x, hx))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"result {i}: max abs diff {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}], ids=["bias", "no-bias"])
+def test_compiled_cpu_lstm_training_is_torch_nn_bit_for_bit(kw):
+    """Training: oneDNN's layer and its backward, outputs and every gradient as torch.nn's."""
+    torch._dynamo.reset()
+    ours, ref = _torch_pair("LSTM", **kw)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(9, 3, 4)
+    hx = (torch.randn(4, 3, 8), torch.randn(4, 3, 8))
+    results = []
+    for f, params in ((compiled, list(ours.parameters())), (ref, list(ref.parameters()))):
+        xi = x.clone().requires_grad_()
+        hi = tuple(t.clone().requires_grad_() for t in hx)
+        out = _first(f(xi, hi))
+        loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in out)
+        results.append(out + list(torch.autograd.grad(loss, [xi, *hi, *params])))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"item {i}: max abs diff {(a - b).abs().max().item():.3g}"
+
+
+def test_onednn_layer_second_derivatives_and_fake_tensors():
+    """The oneDNN layer op outside a graph: a differentiable backward recomputes through the
+    spec (second derivatives against the spec's own), and FakeTensor / meta shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lstmgru.cells.lstm import reference, spec
+
+    torch.manual_seed(3)
+    T, B, I, H = 5, 2, 3, 4
+    inputs = [torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, I),
+              torch.randn(4 * H, H) * 0.5, torch.randn(4 * H), torch.randn(4 * H)]
+    inputs = [t.requires_grad_() for t in inputs]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
+
+    def second(run):
+        y, h_n, c_n = run()
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + h_n.sum() + c_n.sum()
+        first = torch.autograd.grad(loss, inputs, create_graph=True)
+        total = sum((g * g).sum() for g in first)
+        return list(first) + list(torch.autograd.grad(total, inputs))
+
+    got = second(lambda: reference.onednn_layer(x, [w_ih, w_hh, b_ih, b_hh, None], h0, c0, True))
+    want = second(lambda: spec.lstm_spec(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, True))
+    for i, (a, b) in enumerate(zip(got, want)):
+        # float32 (oneDNN has no float64 LSTM): first and second derivatives of two
+        # implementations of the same function agree to float32 rounding.
+        assert_close(a, b, f"derivative {i}", atol=1e-4, rtol=1e-4)
+
+    plain = [t.detach() for t in inputs]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in plain]
+        y, h_n, c_n, workspace = torch.ops.lstmgru.lstm_onednn(*fake, None, False, False)
+    assert (tuple(y.shape), tuple(h_n.shape), tuple(c_n.shape)) == ((T, B, H), (B, H), (B, H))
+    torch.library.opcheck(torch.ops.lstmgru.lstm_onednn.default,
+                          ([t.detach() for t in inputs] + [None, False, False]))
+    torch.library.opcheck(torch.ops.lstmgru.gru_aten_inference.default,
+                          (x.detach(), h0.detach(), torch.randn(3 * H, I), torch.randn(3 * H, H),
+                           None, None, True))
