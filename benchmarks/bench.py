@@ -540,6 +540,84 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# --compile: the first compiled call, in a fresh process with an empty inductor cache
+# ---------------------------------------------------------------------------------------------
+_FIRST_CALL_SCRIPT = """
+import json, sys, time
+import torch
+which, mode = sys.argv[1], sys.argv[2]
+if which == "lstmgru":
+    import lstmgru
+    rnn = lstmgru.LSTM(64, 128)
+else:
+    rnn = torch.nn.LSTM(64, 128)
+
+class Model(torch.nn.Module):  # Linear - LSTM - Linear
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rnn, self.out = torch.nn.Linear(32, 64), rnn, torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.inp(x))[0])
+
+torch.manual_seed(0)
+model = torch.compile(Model())
+x = torch.randn(50, 8, 32)
+start = time.perf_counter()
+if mode == "training":
+    model(x).square().sum().backward()
+else:
+    with torch.no_grad():
+        model(x)
+first = time.perf_counter() - start
+start = time.perf_counter()
+if mode == "training":
+    model(x).square().sum().backward()
+else:
+    with torch.no_grad():
+        model(x)
+print(json.dumps({"first_s": first, "second_s": time.perf_counter() - start}))
+"""
+
+
+def first_compiled_calls() -> list[dict]:
+    """torch.compile(Linear-LSTM-Linear), lstmgru's LSTM against torch.nn's: seconds of the
+    first call (dynamo, AOTAutograd, inductor's code generation and C++ compile) in a fresh
+    process whose inductor cache is an empty folder, so nothing is reused from earlier runs."""
+    import tempfile
+
+    results = []
+    for mode, which in itertools.product(("inference", "training"), ("lstmgru", "torch.nn")):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache)
+            # the same model again in another fresh process, now with the cache the first
+            # one left: what a rerun of a script costs
+            for cache_state in ("empty", "warm"):
+                done = subprocess.run([sys.executable, "-c", _FIRST_CALL_SCRIPT, which, mode],
+                                      env=env, capture_output=True, text=True, timeout=900)
+                if done.returncode != 0:
+                    raise RuntimeError(f"first compiled call ({which}, {mode}) failed: "
+                                       f"{done.stderr.strip().splitlines()[-1:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                results.append({"contender": which, "mode": mode, "cache": cache_state, **row})
+    return results
+
+
+def render_first_calls(rows: list[dict]) -> str:
+    L = ["", "## First compiled call", "",
+         "torch.compile(Linear-LSTM-Linear), T=50, B=8, I=32, H=128: seconds of the first call "
+         "in a fresh process, with an empty inductor cache and again with the cache the first "
+         "process left; and of the second call. torch.nn's LSTM is not compiled: dynamo breaks "
+         "the graph around it and compiles only the Linear layers.", "",
+         "| mode | contender | inductor cache | first call s | second call s |",
+         "|---|---|---|---:|---:|"]
+    for r in rows:
+        L.append(f"| {r['mode']} | {r['contender']} | {r['cache']} | {r['first_s']:.2f} | "
+                 f"{r['second_s']:.4f} |")
+    return "\n".join(L) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # reports
 # ---------------------------------------------------------------------------------------------
 def geomean(values) -> float:
@@ -827,6 +905,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     progress.finish(len(records))
 
+    if args.compile and interrupted is None:
+        note("first compiled calls, each in a fresh process with an empty inductor cache")
+        meta["first_compiled_call"] = first_compiled_calls()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     meta["loadavg_end"] = _loadavg()
     if device.type == "cpu" and meta["loadavg_end"] and meta["loadavg_end"][0] > (os.cpu_count() or 1):
@@ -834,6 +915,8 @@ def main(argv=None) -> int:
              "shared the CPU, so these CPU timings are unreliable")
     write_json(json_path, meta, records)
     md = render_markdown(meta, records)
+    if meta.get("first_compiled_call"):
+        md += render_first_calls(meta["first_compiled_call"])
     md_path.write_text(md)
     wrote = [json_path, md_path]
     if not args.no_plot and render_plot(meta, records, png_path):
