@@ -146,6 +146,15 @@ def _name_while_compiling(*fields) -> str:
     return _select(get_backend(), Case(*fields)).name
 
 
+@assume_constant_result
+def auto_while_compiling() -> bool:
+    """Whether the backend in force is ``"auto"``, read (like ``_name_while_compiling``) once,
+    when torch.compile builds a graph. Under ``"auto"`` a traced layer may run torch's own
+    kernel as an op (``lstmgru.cells.lstm.reference.onednn_layer``); an explicit
+    ``"reference"`` keeps the plain-PyTorch recurrence."""
+    return get_backend() == "auto"
+
+
 @functools.lru_cache(maxsize=4096)
 def _select(backend: str, case: Case) -> Implementation:
     # Cached: a module call must cost no more than torch.nn's, so the decision is made once

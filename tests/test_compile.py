@@ -310,3 +310,20 @@ def test_onednn_layer_second_derivatives_and_fake_tensors():
     torch.library.opcheck(torch.ops.lstmgru.gru_aten_inference.default,
                           (x.detach(), h0.detach(), torch.randn(3 * H, I), torch.randn(3 * H, H),
                            None, None, True))
+
+
+@pytest.mark.parametrize("backend,expected", [("auto", "lstm_onednn"),
+                                              ("reference", "lstm_reference")])
+def test_only_auto_swaps_in_torchs_kernel_when_traced(backend, expected):
+    """An explicit "reference" keeps the plain-PyTorch recurrence in the graph; "auto" (which
+    passes over "native" under torch.compile) runs oneDNN's layer as an op."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    graphs = EagerAndRecordGraphs()
+    m = _cell_model("LSTM")
+    with lstmgru.use_backend(backend), torch.no_grad():
+        torch.compile(m, fullgraph=True, backend=graphs)(torch.randn(5, 3, 4))
+    (graph,) = graphs.graphs
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert sum(expected in t for t in targets) == 2, targets
