@@ -526,6 +526,11 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
     ours, ref = _make_pair(lstmgru, c, device, dtype, args.seed)
     for m in (ours, ref):
         m.train(c["mode"] == "training")
+    if args.compile:
+        # --compile: torch.compile(lstmgru) against eager torch.nn. A fresh dynamo state per
+        # config, so that no config runs on a graph (or a recompile limit) left by another.
+        torch._dynamo.reset()
+        ours = torch.compile(ours)
     x, hx, w = _make_inputs(c, device, dtype, args.seed)
     contenders = {
         "ours": _make_step(ours, c["mode"], x, hx, w),
@@ -568,6 +573,84 @@ def bench_config(lstmgru, c: dict, device: torch.device, args, budget: float) ->
         ours_impl=ours_impl,
     )
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile: the first compiled call, in a fresh process with an empty inductor cache
+# ---------------------------------------------------------------------------------------------
+_FIRST_CALL_SCRIPT = """
+import json, sys, time
+import torch
+which, mode = sys.argv[1], sys.argv[2]
+if which == "lstmgru":
+    import lstmgru
+    rnn = lstmgru.LSTM(64, 128)
+else:
+    rnn = torch.nn.LSTM(64, 128)
+
+class Model(torch.nn.Module):  # Linear - LSTM - Linear
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rnn, self.out = torch.nn.Linear(32, 64), rnn, torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.inp(x))[0])
+
+torch.manual_seed(0)
+model = torch.compile(Model())
+x = torch.randn(50, 8, 32)
+start = time.perf_counter()
+if mode == "training":
+    model(x).square().sum().backward()
+else:
+    with torch.no_grad():
+        model(x)
+first = time.perf_counter() - start
+start = time.perf_counter()
+if mode == "training":
+    model(x).square().sum().backward()
+else:
+    with torch.no_grad():
+        model(x)
+print(json.dumps({"first_s": first, "second_s": time.perf_counter() - start}))
+"""
+
+
+def first_compiled_calls() -> list[dict]:
+    """torch.compile(Linear-LSTM-Linear), lstmgru's LSTM against torch.nn's: seconds of the
+    first call (dynamo, AOTAutograd, inductor's code generation and C++ compile) in a fresh
+    process whose inductor cache is an empty folder, so nothing is reused from earlier runs."""
+    import tempfile
+
+    results = []
+    for mode, which in itertools.product(("inference", "training"), ("lstmgru", "torch.nn")):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=cache)
+            # the same model again in another fresh process, now with the cache the first
+            # one left: what a rerun of a script costs
+            for cache_state in ("empty", "warm"):
+                done = subprocess.run([sys.executable, "-c", _FIRST_CALL_SCRIPT, which, mode],
+                                      env=env, capture_output=True, text=True, timeout=900)
+                if done.returncode != 0:
+                    raise RuntimeError(f"first compiled call ({which}, {mode}) failed: "
+                                       f"{done.stderr.strip().splitlines()[-1:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                results.append({"contender": which, "mode": mode, "cache": cache_state, **row})
+    return results
+
+
+def render_first_calls(rows: list[dict]) -> str:
+    L = ["", "## First compiled call", "",
+         "torch.compile(Linear-LSTM-Linear), T=50, B=8, I=32, H=128: seconds of the first call "
+         "in a fresh process, with an empty inductor cache and again with the cache the first "
+         "process left; and of the second call. torch.nn's LSTM is not compiled: dynamo breaks "
+         "the graph around it and compiles only the Linear layers.", "",
+         "| mode | contender | inductor cache | first call s | second call s |",
+         "|---|---|---|---:|---:|"]
+    for r in rows:
+        L.append(f"| {r['mode']} | {r['contender']} | {r['cache']} | {r['first_s']:.2f} | "
+                 f"{r['second_s']:.4f} |")
+    return "\n".join(L) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,6 +948,10 @@ def parse_args(argv=None):
                    help="CUDA only: set torch.backends.cuda.matmul.allow_tf32 and "
                         "cudnn.allow_tf32 (recorded in meta either way)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--compile", action="store_true",
+                   help="time torch.compile(lstmgru module) against eager torch.nn (the first, "
+                        "compiling call untimed), and report the first compiled call of a "
+                        "Linear-LSTM-Linear model in a fresh process with an empty inductor cache")
     o = p.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     o.add_argument("--name", default=None, help="file stem (default: DEVICE-YYYYmmdd-HHMMSS)")
@@ -977,6 +1064,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     progress.finish(len(records))
 
+    if args.compile and interrupted is None:
+        note("first compiled calls, each in a fresh process with an empty inductor cache")
+        meta["first_compiled_call"] = first_compiled_calls()
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     meta["loadavg_end"] = _loadavg()
     if device.type == "cpu" and meta["loadavg_end"] and meta["loadavg_end"][0] > (os.cpu_count() or 1):
@@ -984,6 +1074,8 @@ def main(argv=None) -> int:
              "shared the CPU, so these CPU timings are unreliable")
     write_json(json_path, meta, records)
     md = render_markdown(meta, records)
+    if meta.get("first_compiled_call"):
+        md += render_first_calls(meta["first_compiled_call"])
     md_path.write_text(md)
     wrote = [json_path, md_path]
     if not args.no_plot and render_plot(meta, records, png_path):

@@ -17,6 +17,7 @@ own rules, ``register_row_vmap``):
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -46,6 +47,15 @@ def recurrence_function(name: str, qualname: str, fast_backward: Callable, spec:
 
     def forward(*args):
         return forward_op(*args)
+
+    # forward takes no ctx (setup_context does the bookkeeping). Dynamo, tracing a Function
+    # whose inputs need no gradient (no_grad, inference_mode, frozen weights), inlines its
+    # forward and decides whether to pass a ctx by counting forward's parameters against the
+    # arguments of apply: a bare *args would get the ctx as its first argument, and the op
+    # would fail on it. Declaring the op's own parameters tells it forward takes none.
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(argument.name, inspect.Parameter.POSITIONAL_ONLY)
+         for argument in forward_op.default._schema.arguments])
 
     def setup_context(ctx, inputs, output):
         tensors, options = inputs[:num_inputs], inputs[num_inputs:-1]

@@ -54,6 +54,8 @@ from typing import Callable, Dict, FrozenSet, Iterator, NamedTuple, Optional, Tu
 
 import torch
 
+from ._compiler import assume_constant_result
+
 ENV_VAR = "LSTMGRU_BACKEND"
 # Tried in this order by "auto"; a device type not listed uses the default order. On CUDA a
 # calibration entry puts a kernel family first (``auto_order``). The interpreter runs the
@@ -190,6 +192,7 @@ def select(case: Case) -> Implementation:
     return _select(get_backend(), case)
 
 
+@assume_constant_result  # lstmgru._compiler: without importing torch._dynamo
 def _name_while_compiling(*fields) -> str:
     # Dynamo cannot trace ContextVar.get: the choice is made once, when the graph is built,
     # and baked into it (a backend changed later applies to graphs compiled later). The case
@@ -197,10 +200,13 @@ def _name_while_compiling(*fields) -> str:
     return _select(get_backend(), Case(*fields)).name
 
 
-# What torch.compiler.assume_constant_result does (torch 2.4 to 2.13), without the import of
-# torch._dynamo that calling it costs at `import lstmgru` (seconds; dynamo is loaded anyway
-# by the time anything compiles).
-_name_while_compiling._dynamo_marked_constant = True
+@assume_constant_result
+def auto_while_compiling() -> bool:
+    """Whether the backend in force is ``"auto"``, read (like ``_name_while_compiling``) once,
+    when torch.compile builds a graph. Under ``"auto"`` a traced layer may run torch's own
+    kernel as an op (``lstmgru.cells.lstm.reference.onednn_layer``); an explicit
+    ``"reference"`` keeps the plain-PyTorch recurrence."""
+    return get_backend() == "auto"
 
 
 # The kernels that failed to run a case under auto (``_with_fallback``); auto skips them.

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ._compiler import assume_constant_result
 from ._sequence import keep_initial_state
 
 __all__ = ["is_exporting", "lstm_layer", "gru_layer", "unsupported"]
@@ -37,6 +38,7 @@ _GRU_ORDER = (1, 0, 2)
 _OPSET = 14  # LSTM-14 and GRU-14, the current versions of both operators
 
 
+@assume_constant_result  # lstmgru._compiler: without importing torch._dynamo
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (then the modules emit ONNX nodes)."""
     # Called for real also under dynamo (the exporter's strict capture), which would
@@ -45,11 +47,6 @@ def is_exporting() -> bool:
     # call (microseconds on every small call).
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
-
-
-# torch.compiler.assume_constant_result(is_exporting), without the import of torch._dynamo
-# that calling it costs at `import lstmgru` (seconds): it only sets this mark.
-is_exporting._dynamo_marked_constant = True
 
 
 def unsupported(feature: str, mode: str) -> NotImplementedError:

@@ -36,6 +36,14 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
     (the plain recurrence when nothing is left for the loop: weight drop alone).
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
+    if (recurrence is reference.gru_recurrence and torch.compiler.is_compiling()
+            and backends.auto_while_compiling()
+            and reference.aten_inference_takes(x, weights, h0, lengths, reset_after, variants)):
+        # Traced inference under "auto" (which passed over "native": its loop would be
+        # unrolled) where torch.nn's kernel (ATen's loop) computes the layer: that kernel,
+        # as an op
+        return reference.gru_aten_inference(x, h0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                            reverse)
     bias = bias_hn = None
     if bias_ih is not None:
         H = weight_hh.shape[1]

@@ -253,6 +253,42 @@ _GRURecurrence = recurrence_function("GRUReferenceRecurrence", "lstmgru::gru_ref
                                      num_outputs=2)
 
 
+# --------------------------------------------------------------------------------------
+# torch's own GRU layer (ATen's loop) as an op: what a traced CPU layer runs without gradients
+# --------------------------------------------------------------------------------------
+# In eager mode "native" runs torch.nn's forward: on the CPU, ATen's C++ loop over the steps.
+# Traced, that loop would be unrolled, so under torch.compile the reference runs instead.
+# Where no gradient is needed (inference: no_grad, inference_mode, frozen weights) it runs
+# torch's own GRU layer inside an lstmgru op, opaque to the tracer: the same C++ loop as eager
+# torch.nn, without the reference's per-step Python overhead. With gradients the reference
+# recurrence stays: torch's GRU differentiates its loop step by step through autograd, and the
+# reference's explicit backward is faster than that.
+@torch.library.custom_op("lstmgru::gru_aten_inference", mutates_args=(), device_types="cpu")
+def gru_aten_inference(x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                       reverse: bool) -> Tuple[Tensor, Tensor]:
+    weights = [weight_ih, weight_hh] + ([bias_ih, bias_hh] if bias_ih is not None else [])
+    # A single-direction ATen GRU runs forward in time; the reverse direction of torch.nn's
+    # bidirectional layer is the same steps over the flipped sequence.
+    steps = x.flip(0) if reverse else x
+    y, h_n = torch._VF.gru(steps, h0.unsqueeze(0), weights, bias_ih is not None, 1, 0.0,
+                           False, False, False)
+    return (y.flip(0) if reverse else y), h_n.squeeze(0)
+
+
+@gru_aten_inference.register_fake
+def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
+    return x.new_empty(x.shape[0], x.shape[1], h0.shape[1]), torch.empty_like(h0)
+
+
+def aten_inference_takes(x: torch.Tensor, weights, h0: torch.Tensor, lengths, reset_after: bool,
+                         variants) -> bool:
+    """Whether ``gru_aten_inference`` computes this layer-direction: torch's form of the GRU
+    on CPU tensors, no lengths, no variants, and nothing that needs a gradient."""
+    return (x.is_cpu and reset_after and lengths is None and variants is None
+            and not needs_grad(x, h0, *weights))
+
+
 def gru_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, weight_hh: torch.Tensor,
                    bias_hn: Optional[torch.Tensor] = None, lengths: Optional[Lengths] = None,
                    reverse: bool = False, reset_after: bool = True,

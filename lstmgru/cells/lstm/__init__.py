@@ -33,6 +33,12 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
     (the plain recurrence when nothing is left for the loop: weight drop alone).
     """
     weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
+    if (variants is None and recurrence is reference.lstm_recurrence
+            and torch.compiler.is_compiling() and backends.auto_while_compiling()
+            and reference.onednn_takes(x, weights, lengths)):
+        # Traced under "auto" (which passed over "native": its op would be unrolled), where
+        # torch.nn's kernel (oneDNN) computes the layer: that kernel, as an op
+        return reference.onednn_layer(x, weights, h0, c0, reverse)
     bias = None if bias_ih is None else bias_ih + bias_hh
     if variants is None:
         gates_x = input_projection(x, weight_ih, bias)

@@ -241,6 +241,124 @@ _LSTMRecurrence = recurrence_function("LSTMReferenceRecurrence", "lstmgru::lstm_
                                       num_outputs=3)
 
 
+# --------------------------------------------------------------------------------------
+# torch's own LSTM layer (oneDNN) as an op: what a traced float32 CPU layer runs
+# --------------------------------------------------------------------------------------
+# In eager mode "native" runs torch.nn's forward, which on the CPU reaches oneDNN's LSTM
+# layer, one call per layer-direction (aten::mkldnn_rnn_layer) and its backward
+# (aten::mkldnn_rnn_layer_backward). Traced, torch's RNN op would be unrolled over the steps,
+# so under torch.compile / torch.export the reference runs instead; where oneDNN computes the
+# layer (float32 CPU tensors, no projection, no lengths, no variants) it runs these two ATen
+# ops inside an lstmgru op, opaque to the tracer: the same kernels as eager torch.nn, so the
+# same numbers bit for bit, at the same speed. A backward that must itself be differentiable
+# recomputes through the spec, as for every recurrence.
+_ONEDNN_LSTM = 2  # ideep::rnn_kind::LSTM: the mode torch passes to aten::mkldnn_rnn_layer
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # a constant; dynamo skips the call
+
+
+def onednn_takes(x: torch.Tensor, weights, lengths: Optional[Lengths]) -> bool:
+    """Whether ``onednn_layer`` computes this layer-direction (``weights`` as ``layer``'s).
+    (``torch.backends.mkldnn.flags(enabled=False)`` is not consulted: dynamo cannot read it.)"""
+    return (x.is_cpu and x.dtype == torch.float32 and weights[4] is None and lengths is None
+            and _ONEDNN_BUILT)
+
+
+def _onednn_args(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, train):
+    has_biases = bias_ih is not None
+    if not has_biases:  # ignored by oneDNN, but the op takes tensors
+        bias_ih = bias_hh = weight_ih.new_zeros(weight_ih.shape[0])
+    return (x.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh,
+            h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous(), reverse, [],
+            _ONEDNN_LSTM, c0.shape[1], 1, has_biases, False, False, train)
+
+
+@torch.library.custom_op("lstmgru::lstm_onednn", mutates_args=(), device_types="cpu")
+def lstm_onednn(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], per_row: Optional[Tensor],
+                reverse: bool, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if per_row is not None:
+        raise ValueError("lstmgru::lstm_onednn takes no lengths (oneDNN's layer has none)")
+    # oneDNN keeps its workspace for the backward only where grad mode is on: an
+    # autograd.Function's forward runs with it off.
+    with torch.set_grad_enabled(save):
+        y, h_n, c_n, workspace = torch.ops.aten.mkldnn_rnn_layer(
+            *_onednn_args(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save))
+    if workspace is None:
+        workspace = x.new_empty(0, dtype=torch.uint8)
+    return y, h_n.squeeze(0), c_n.squeeze(0), workspace
+
+
+@lstm_onednn.register_fake
+def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, per_row, reverse, save):
+    T, B, _ = x.shape
+    H = c0.shape[1]
+    # oneDNN sizes its workspace itself: a size known only when the op has run.
+    workspace_size = torch.library.get_ctx().new_dynamic_size() if save else 0
+    return (x.new_empty(T, B, H), h0.new_empty(B, H), c0.new_empty(B, H),
+            x.new_empty(workspace_size, dtype=torch.uint8))
+
+
+@torch.library.custom_op("lstmgru::lstm_onednn_backward", mutates_args=(), device_types="cpu")
+def lstm_onednn_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, workspace: Tensor,
+                         y: Tensor, h_n: Tensor, c_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                         weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                         bias_hh: Optional[Tensor], reverse: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (x, weight_ih, weight_hh, b_ih, b_hh, hx, cx, reverse, batch_sizes, mode, hidden_size,
+     num_layers, has_biases, bidirectional, batch_first, train) = _onednn_args(
+        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, True)
+    grads = torch.ops.aten.mkldnn_rnn_layer_backward(
+        x, weight_ih, weight_hh, b_ih, b_hh, hx, cx, y, h_n.unsqueeze(0), c_n.unsqueeze(0),
+        grad_y, grad_h_n.unsqueeze(0), grad_c_n.unsqueeze(0), reverse, mode, hidden_size,
+        num_layers, has_biases, train, bidirectional, batch_sizes, batch_first, workspace)
+    grad_x, grad_w_ih, grad_w_hh, grad_b, _, grad_h0, grad_c0 = grads
+    # oneDNN has one bias: both biases get its gradient (op results must not alias).
+    grad_b_ih = grad_b if bias_ih is not None else x.new_empty(0)
+    grad_b_hh = grad_b.clone() if bias_ih is not None else x.new_empty(0)
+    return (grad_x, grad_h0.squeeze(0), grad_c0.squeeze(0), grad_w_ih, grad_w_hh, grad_b_ih,
+            grad_b_hh)
+
+
+@lstm_onednn_backward.register_fake
+def _(grad_y, grad_h_n, grad_c_n, workspace, y, h_n, c_n, x, h0, c0, weight_ih, weight_hh,
+      bias_ih, bias_hh, reverse):
+    bias_like = (lambda b: torch.empty_like(b)) if bias_ih is not None else \
+        (lambda b: x.new_empty(0))
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(weight_ih), torch.empty_like(weight_hh), bias_like(bias_ih),
+            bias_like(bias_hh))
+
+
+def _onednn_fast_backward(grads, saved, inputs, outputs, options):
+    x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, _ = inputs
+    (reverse,) = options
+    result = torch.ops.lstmgru.lstm_onednn_backward(
+        *grads, *saved, *outputs, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse)
+    if bias_ih is None:
+        return (*result[:5], None, None)
+    return result
+
+
+def _onednn_spec(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, per_row, reverse):
+    return spec.lstm_spec(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, None, per_row,
+                          reverse)
+
+
+_LSTMOneDNN = recurrence_function("LSTMOneDNNLayer", "lstmgru::lstm_onednn",
+                                  _onednn_fast_backward, _onednn_spec, num_inputs=8,
+                                  num_outputs=3)
+
+
+def onednn_layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor, reverse: bool):
+    """One LSTM layer-direction on oneDNN, from its input x (T, B, I): ``layer``'s function
+    (see ``onednn_takes`` for where it applies). Returns y (T, B, H), h_n, c_n."""
+    weight_ih, weight_hh, bias_ih, bias_hh, _ = weights
+    save = needs_grad(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    y, h_n, c_n, _ = _LSTMOneDNN.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, None,
+                                       reverse, save)
+    return y, h_n, c_n
+
+
 def lstm_recurrence(gates_x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     weight_hh: torch.Tensor, weight_hr: Optional[torch.Tensor] = None,
                     lengths: Optional[Lengths] = None, reverse: bool = False,
