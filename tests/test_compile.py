@@ -303,7 +303,7 @@ def test_onednn_layer_second_derivatives_and_fake_tensors():
     plain = [t.detach() for t in inputs]
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in plain]
-        y, h_n, c_n, workspace = torch.ops.lstmgru.lstm_onednn(*fake, None, False, False)
+        y, h_n, c_n, workspace, *_ = torch.ops.lstmgru.lstm_onednn(*fake, None, False, False)
     assert (tuple(y.shape), tuple(h_n.shape), tuple(c_n.shape)) == ((T, B, H), (B, H), (B, H))
     torch.library.opcheck(torch.ops.lstmgru.lstm_onednn.default,
                           ([t.detach() for t in inputs] + [None, False, False]))

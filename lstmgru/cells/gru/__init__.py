@@ -37,11 +37,12 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, lengths: Optional[Lengths]
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     if (recurrence is reference.gru_recurrence and torch.compiler.is_compiling()
-            and backends.auto_while_compiling()
+            and not torch.compiler.is_exporting() and backends.auto_while_compiling()
             and reference.aten_inference_takes(x, weights, h0, lengths, reset_after, variants)):
-        # Traced inference under "auto" (which passed over "native": its loop would be
+        # Compiled inference under "auto" (which passed over "native": its loop would be
         # unrolled) where torch.nn's kernel (ATen's loop) computes the layer: that kernel,
-        # as an op
+        # as an op. Not in an exported program, which must run on any device (the op is
+        # CPU-only).
         return reference.gru_aten_inference(x, h0, weight_ih, weight_hh, bias_ih, bias_hh,
                                             reverse)
     bias = bias_hn = None

@@ -34,10 +34,12 @@ def layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor,
     """
     weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = weights
     if (variants is None and recurrence is reference.lstm_recurrence
-            and torch.compiler.is_compiling() and backends.auto_while_compiling()
+            and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and backends.auto_while_compiling()
             and reference.onednn_takes(x, weights, lengths)):
-        # Traced under "auto" (which passed over "native": its op would be unrolled), where
-        # torch.nn's kernel (oneDNN) computes the layer: that kernel, as an op
+        # Compiled under "auto" (which passed over "native": its op would be unrolled), where
+        # torch.nn's kernel (oneDNN) computes the layer: that kernel, as an op. Not in an
+        # exported program, which must run on any device (the oneDNN op is CPU-only).
         return reference.onednn_layer(x, weights, h0, c0, reverse)
     bias = None if bias_ih is None else bias_ih + bias_hh
     if variants is None:

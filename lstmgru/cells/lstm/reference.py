@@ -275,7 +275,7 @@ def _onednn_args(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, tra
 @torch.library.custom_op("lstmgru::lstm_onednn", mutates_args=(), device_types="cpu")
 def lstm_onednn(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], per_row: Optional[Tensor],
-                reverse: bool, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                reverse: bool, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if per_row is not None:
         raise ValueError("lstmgru::lstm_onednn takes no lengths (oneDNN's layer has none)")
     # oneDNN keeps its workspace for the backward only where grad mode is on: an
@@ -283,9 +283,13 @@ def lstm_onednn(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh:
     with torch.set_grad_enabled(save):
         y, h_n, c_n, workspace = torch.ops.aten.mkldnn_rnn_layer(
             *_onednn_args(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save))
-    if workspace is None:
-        workspace = x.new_empty(0, dtype=torch.uint8)
-    return y, h_n.squeeze(0), c_n.squeeze(0), workspace
+    h_n, c_n = h_n.squeeze(0), c_n.squeeze(0)
+    if not save:
+        nothing = x.new_empty(0)
+        return y, h_n, c_n, x.new_empty(0, dtype=torch.uint8), nothing, nothing.clone()
+    # oneDNN's backward takes the final states too; the recurrence Function keeps only y of
+    # the results, so they travel with the workspace (copies: op results must not alias).
+    return y, h_n, c_n, workspace, h_n.clone(), c_n.clone()
 
 
 @lstm_onednn.register_fake
@@ -294,13 +298,15 @@ def _(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, per_row, reverse, save)
     H = c0.shape[1]
     # oneDNN sizes its workspace itself: a size known only when the op has run.
     workspace_size = torch.library.get_ctx().new_dynamic_size() if save else 0
+    kept = (B, H) if save else (0,)
     return (x.new_empty(T, B, H), h0.new_empty(B, H), c0.new_empty(B, H),
-            x.new_empty(workspace_size, dtype=torch.uint8))
+            x.new_empty(workspace_size, dtype=torch.uint8), h0.new_empty(kept),
+            c0.new_empty(kept))
 
 
 @torch.library.custom_op("lstmgru::lstm_onednn_backward", mutates_args=(), device_types="cpu")
 def lstm_onednn_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, workspace: Tensor,
-                         y: Tensor, h_n: Tensor, c_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                         h_n: Tensor, c_n: Tensor, y: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
                          weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
                          bias_hh: Optional[Tensor], reverse: bool
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -320,7 +326,7 @@ def lstm_onednn_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wor
 
 
 @lstm_onednn_backward.register_fake
-def _(grad_y, grad_h_n, grad_c_n, workspace, y, h_n, c_n, x, h0, c0, weight_ih, weight_hh,
+def _(grad_y, grad_h_n, grad_c_n, workspace, h_n, c_n, y, x, h0, c0, weight_ih, weight_hh,
       bias_ih, bias_hh, reverse):
     bias_like = (lambda b: torch.empty_like(b)) if bias_ih is not None else \
         (lambda b: x.new_empty(0))
@@ -354,7 +360,7 @@ def onednn_layer(x: torch.Tensor, weights, h0: torch.Tensor, c0: torch.Tensor, r
     (see ``onednn_takes`` for where it applies). Returns y (T, B, H), h_n, c_n."""
     weight_ih, weight_hh, bias_ih, bias_hh, _ = weights
     save = needs_grad(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    y, h_n, c_n, _ = _LSTMOneDNN.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, None,
+    y, h_n, c_n, *_ = _LSTMOneDNN.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, None,
                                        reverse, save)
     return y, h_n, c_n
 
