@@ -906,8 +906,9 @@ def grid_stage(ctx: Context) -> None:
     import lstmgru
 
     pairs = _grid(ctx.dry_run)
+    # compile=False: the grid times the kernels eagerly against cuDNN (bench.py's --compile off)
     args = types.SimpleNamespace(seed=0, warmup=2, min_rounds=1 if ctx.dry_run else 3,
-                                 max_rounds=100)
+                                 max_rounds=100, compile=False)
     for i, (family, (op, mode, dtype, batch, hidden)) in enumerate(pairs):
         config = dict(op=op, mode=mode, dtype=dtype, batch=batch,
                       seq_len=DRY_GRID_T if ctx.dry_run else GRID_T, input_size=hidden,

@@ -42,6 +42,10 @@ _MISSING = object()
 _local = threading.local()  # per thread: grid_idx, grid_dim, and the launch it runs a program of
 _atomic_lock = threading.Lock()
 _session_lock = threading.Lock()
+# The interpreter rewrites a jitted helper's source the first time a program calls it (ast.parse
+# and compile). Programs are threads here, and CPython 3.11 raises "AST constructor recursion
+# depth mismatch" when threads build ASTs at once: the first rewrite of each helper is serialized.
+_rewrite_lock = threading.Lock()
 _session = None  # the active parallel_programs(), if any
 
 
@@ -191,6 +195,15 @@ def _thread_local(name):
     return property(lambda self: getattr(_local, name, None), lambda self, value: setattr(_local, name, value))
 
 
+def _serialized(method, lock):
+
+    def serialized(self, *args, **kwargs):
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 def _guarded(method, lock=None):
 
     def guarded(self, *args, **kwargs):
@@ -233,6 +246,8 @@ def parallel_programs(timeout_s=60.0, shake=0.0, seed=None):
     patches += [(_Builder, name, _thread_local(name)) for name in ("grid_idx", "grid_dim")]
     patches += [(_Builder, name, _guarded(getattr(_Builder, name))) for name in _MEMORY_OPS]
     patches += [(_Builder, name, _guarded(getattr(_Builder, name), _atomic_lock)) for name in _ATOMIC_OPS]
+    patches += [(_interpreter.InterpretedFunction, "rewrite",
+                 _serialized(_interpreter.InterpretedFunction.rewrite, _rewrite_lock))]
     # The builder's own grid_idx/grid_dim stay in its instance dict, hidden while the
     # thread-local properties (data descriptors win over instance attributes) are in place.
     originals = []
